@@ -1,0 +1,32 @@
+# Set-up and the main jobs. Every target creates or reuses .venv in the project root.
+# torch and torchvision are pinned together so the resolver never swaps torch (see README).
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+TORCH_PINS ?= torch==2.14.1 torchvision==0.29.1
+STAMP := $(VENV)/.installed
+
+.PHONY: install demo test lint bench clean
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade "pip>=23" "setuptools>=64"
+	$(BIN)/pip install -q $(TORCH_PINS) -e ".[train,eval,dev]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	HF_HUB_OFFLINE=1 $(BIN)/python -m mmembed.demo
+
+test: $(STAMP)
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q
+
+lint: $(STAMP)
+	$(BIN)/ruff check . && $(BIN)/ruff format --check .
+
+bench: $(STAMP)
+	HF_HUB_OFFLINE=1 $(BIN)/python tools/bench_encode.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache
