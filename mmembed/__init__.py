@@ -1,0 +1,26 @@
+"""mmembed: train and serve multimodal embedding models.
+
+```python
+import mmembed
+model = mmembed.build_model("recipes/tiny/composed.yaml")
+emb = model.encode(texts=["a red circle", None], images=[None, "cat.png"], instruction="Represent the input.")
+model.save("out/model"); same = mmembed.load("out/model")
+```
+"""
+
+from __future__ import annotations
+
+from mmembed.build import build_model
+from mmembed.io import load
+from mmembed.model import EmbeddingModel
+
+__version__ = "0.1.0"
+
+__all__ = ["build_model", "load", "EmbeddingModel", "list_components", "__version__"]
+
+
+def list_components() -> dict[str, list[str]]:
+    """Registered component names per slot, e.g. ``{"connector": ["mlp", ...], ...}``."""
+    from mmembed.registry import ALL
+
+    return {slot: reg.names() for slot, reg in ALL.items()}

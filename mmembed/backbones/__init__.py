@@ -1,0 +1,8 @@
+"""Language / vision-language backbones behind one contract (see base.py)."""
+
+from __future__ import annotations
+
+from mmembed.backbones import hf_causal_lm  # noqa: F401  (registration)
+from mmembed.backbones.base import Backbone
+
+__all__ = ["Backbone"]

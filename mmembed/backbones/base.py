@@ -1,0 +1,46 @@
+"""The backbone contract."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+__all__ = ["Backbone"]
+
+
+class Backbone(nn.Module):
+    """A decoder that reads ``inputs_embeds`` and returns hidden states.
+
+    Attributes: ``tokenizer`` (with the image placeholder added by :meth:`add_placeholder`),
+    ``hidden_size`` (d), ``num_layers``, ``add_eos``.
+    """
+
+    tokenizer: Any
+    hidden_size: int
+    num_layers: int
+    add_eos: bool = True
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """(B, L) ids -> (B, L, d) token embeddings."""
+        raise NotImplementedError
+
+    def forward(
+        self,
+        inputs_embeds: torch.Tensor,
+        attention_mask: torch.Tensor,
+        position_ids: torch.Tensor,
+        all_layers: bool = False,
+    ) -> torch.Tensor | tuple[torch.Tensor, ...]:
+        """(B, L, d) -> last hidden state (B, L, d), or a tuple of every layer's (B, L, d) output."""
+        raise NotImplementedError
+
+    def add_placeholder(self, token: str) -> int:
+        """Add ``token`` to the tokenizer as a special token (resizing embeddings if needed); return its id."""
+        raise NotImplementedError
+
+    def export(self, directory: Path) -> dict[str, Any]:
+        """Write what rebuilding needs into ``directory``; return the args that rebuild from it offline."""
+        raise NotImplementedError

@@ -1,0 +1,350 @@
+"""Typed recipe configuration: dataclasses, YAML recipes and ``key=value`` overrides.
+
+A recipe is YAML merged with command-line overrides by OmegaConf, then converted into the
+dataclasses below with validation before anything heavy is built (litgpt's typed config,
+torchtune's signature check). Model slots (``model.vision``, ``model.connector``, ...) are
+small dicts ``{type: NAME, **args}``: ``type`` picks a registered component and the other keys
+are checked against that component's constructor.
+
+Every problem is a :class:`ConfigError` naming the key path, the recipe file and what is allowed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+__all__ = [
+    "ConfigError",
+    "ModelCfg",
+    "DataCfg",
+    "TrainCfg",
+    "RecipeCfg",
+    "load_recipe",
+    "model_cfg_from_dict",
+    "slot_type",
+    "slot_args",
+]
+
+SLOTS = ("vision", "connector", "reducer", "backbone", "pooler", "fusion")
+
+
+class ConfigError(ValueError):
+    """A recipe problem: ``key`` is the dotted path, ``source`` the recipe file (if any)."""
+
+    def __init__(self, key: str, message: str, source: str | None = None) -> None:
+        self.key, self.message, self.source = key, message, source
+        where = f" (in {source})" if source else ""
+        super().__init__(f"{key}: {message}{where}" if key else f"{message}{where}")
+
+
+@dataclass
+class ModelCfg:
+    """The composed embedding model: one dict per slot, each ``{type: NAME, **args}``."""
+
+    backbone: dict[str, Any] = field(default_factory=dict)
+    vision: dict[str, Any] | None = None
+    connector: dict[str, Any] | None = None
+    reducer: dict[str, Any] | None = None
+    pooler: dict[str, Any] = field(default_factory=lambda: {"type": "last_token"})
+    fusion: dict[str, Any] | None = None
+    embed_dim: int | None = None  # optional linear projection of the pooled vector
+    normalize: bool = True
+    max_length: int = 512  # text tokens per input; image tokens come on top and are never cut
+    padding_side: str = "left"
+    image_placeholder: str = "<image>"
+    max_images_per_input: int = 8
+    max_pixels: int = 89_478_485  # PIL's default decompression-bomb limit, enforced before decoding
+    prompts: dict[str, str] = field(default_factory=dict)  # named instructions, e.g. {query: "..."}
+
+    def validate(self, prefix: str = "model") -> None:
+        from mmembed.registry import ALL
+
+        if not self.backbone:
+            raise ConfigError(f"{prefix}.backbone", "a backbone is required, e.g. {type: hf_causal_lm, name: ...}")
+        for slot in SLOTS:
+            node = getattr(self, slot)
+            if node is None:
+                continue
+            _check_slot(f"{prefix}.{slot}", node, ALL[slot])
+        if self.connector is not None and self.vision is None:
+            raise ConfigError(f"{prefix}.connector", "a connector needs a vision encoder (model.vision)")
+        if self.padding_side not in ("left", "right"):
+            raise ConfigError(f"{prefix}.padding_side", f"expected 'left' or 'right', got {self.padding_side!r}")
+        if self.max_length < 2:
+            raise ConfigError(f"{prefix}.max_length", f"must be >= 2, got {self.max_length}")
+        if self.embed_dim is not None and self.embed_dim <= 0:
+            raise ConfigError(f"{prefix}.embed_dim", f"must be positive or null, got {self.embed_dim}")
+
+
+@dataclass
+class DataCfg:
+    """Where the training and evaluation data come from (see mmembed.data)."""
+
+    train: str | None = None  # a manifest YAML, a directory of MMEB parquet/JSONL files, or one file
+    eval: str | None = None
+    image_root: str | None = None  # defaults to the data file's folder
+    strict: bool = False  # raise on the first bad sample instead of skipping and counting it
+    num_workers: int = 0
+    max_pixels: int = 89_478_485
+    homogeneous: bool = False  # each global batch from one dataset
+    num_negatives: int = 0  # hard negatives per query fed to the loss
+    shuffle_buffer: int = 1000
+    group_by_length: bool = True
+
+    def validate(self, prefix: str = "data") -> None:
+        if self.num_workers < 0:
+            raise ConfigError(f"{prefix}.num_workers", f"must be >= 0, got {self.num_workers}")
+        if self.num_negatives < 0:
+            raise ConfigError(f"{prefix}.num_negatives", f"must be >= 0, got {self.num_negatives}")
+
+
+@dataclass
+class TrainCfg:
+    """The training loop (mmembed.train)."""
+
+    output_dir: str = "runs/default"
+    max_steps: int = 100
+    batch_size: int = 8  # queries per rank per optimizer step
+    optimizer: str = "adamw"
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    schedule: str = "cosine"
+    warmup_steps: int = 0
+    grad_clip: float = 1.0
+    seed: int = 0
+    save_every: int = 0
+    eval_every: int = 0
+    log_every: int = 1
+    resume: str = "none"
+    gradcache_chunk_size: int = 0
+    zero_stage: int = 0
+    precision: str = "fp32"
+    gradient_checkpointing: bool = False
+    freeze: list[str] = field(default_factory=list)
+    lora: dict[str, Any] | None = None
+    max_bad_steps: int = 5
+    deepspeed: str | None = None  # an explicit DeepSpeed JSON config; otherwise built from these keys
+
+    def validate(self, prefix: str = "train") -> None:
+        _choice(f"{prefix}.optimizer", self.optimizer, ("adamw", "sgd"))
+        _choice(f"{prefix}.schedule", self.schedule, ("cosine", "linear", "constant"))
+        _choice(f"{prefix}.precision", self.precision, ("fp32", "bf16"))
+        _choice(f"{prefix}.zero_stage", self.zero_stage, (0, 1, 2, 3))
+        for slot in self.freeze:
+            _choice(f"{prefix}.freeze", slot, ("vision", "connector", "reducer", "backbone", "pooler", "fusion"))
+        if self.batch_size < 1:
+            raise ConfigError(f"{prefix}.batch_size", f"must be >= 1, got {self.batch_size}")
+        if self.gradcache_chunk_size < 0 or self.gradcache_chunk_size > self.batch_size:
+            raise ConfigError(
+                f"{prefix}.gradcache_chunk_size",
+                f"must be 0 (off) or between 1 and train.batch_size={self.batch_size}, got {self.gradcache_chunk_size}",
+            )
+        if self.max_steps < 1:
+            raise ConfigError(f"{prefix}.max_steps", f"must be >= 1, got {self.max_steps}")
+
+
+@dataclass
+class RecipeCfg:
+    """A whole recipe: model, data, loss and training."""
+
+    model: ModelCfg = field(default_factory=ModelCfg)
+    data: DataCfg = field(default_factory=DataCfg)
+    loss: dict[str, Any] = field(default_factory=lambda: {"type": "infonce"})
+    train: TrainCfg = field(default_factory=TrainCfg)
+    source: str | None = field(default=None, metadata={"internal": True})
+
+    def validate(self) -> None:
+        from mmembed.registry import LOSSES
+
+        self.model.validate()
+        self.data.validate()
+        self.train.validate()
+        _check_slot("loss", self.loss, LOSSES)
+
+
+# ----------------------------------------------------------------------------------------------
+# Slots
+
+
+def slot_type(node: dict[str, Any] | None) -> str | None:
+    return None if node is None else node.get("type")
+
+
+def slot_args(node: dict[str, Any] | None) -> dict[str, Any]:
+    return {} if node is None else {k: v for k, v in node.items() if k != "type"}
+
+
+def _check_slot(key: str, node: Any, registry: Any) -> None:
+    if not isinstance(node, dict):
+        raise ConfigError(key, f"expected a mapping with a 'type' key, got {type(node).__name__}")
+    name = node.get("type")
+    if name is None:
+        raise ConfigError(f"{key}.type", f"missing; allowed: {', '.join(registry.names())}")
+    if name not in registry:
+        raise ConfigError(f"{key}.type", registry.unknown_message(name))
+    problems = registry.check_args(name, slot_args(node))
+    if problems:
+        raise ConfigError(key, "; ".join(problems))
+    check = getattr(registry.get(name), "check_config", None)
+    if check is not None:
+        try:
+            check(slot_args(node))
+        except ConfigError as e:  # re-root the component's own key
+            raise ConfigError(f"{key}.{e.key}" if e.key else key, e.message) from None
+
+
+def _choice(key: str, value: Any, allowed: tuple[Any, ...]) -> None:
+    if value not in allowed:
+        close = difflib.get_close_matches(str(value), [str(a) for a in allowed], n=1, cutoff=0.5)
+        hint = f" Did you mean '{close[0]}'?" if close else ""
+        raise ConfigError(key, f"got {value!r}.{hint} Allowed: {', '.join(str(a) for a in allowed)}")
+
+
+# ----------------------------------------------------------------------------------------------
+# Conversion from plain containers to dataclasses, with key paths in every error
+
+
+def _from_container(cls: type, data: Any, path: str) -> Any:
+    if not isinstance(data, dict):
+        raise ConfigError(path or "<root>", f"expected a mapping, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if not f.metadata.get("internal")}
+    kwargs = {}
+    for key, value in data.items():
+        full = f"{path}.{key}" if path else str(key)
+        if key not in fields:
+            close = difflib.get_close_matches(str(key), fields, n=1, cutoff=0.6)
+            hint = f" Did you mean '{close[0]}'?" if close else ""
+            raise ConfigError(full, f"unknown key.{hint} Allowed: {', '.join(fields)}")
+        kwargs[key] = _coerce(hints[key], value, full)
+    return cls(**kwargs)
+
+
+def _coerce(tp: Any, value: Any, path: str) -> Any:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _coerce(a, value, path)
+            except ConfigError as e:
+                errors.append(e.message)
+        raise ConfigError(path, errors[0] if errors else f"unexpected value {value!r}")
+    if dataclasses.is_dataclass(tp):
+        return _from_container(tp, value, path)
+    if tp is Any:
+        return value
+    if origin is dict or tp is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(path, f"expected a mapping, got {value!r}")
+        return dict(value)
+    if origin is list or tp is list:
+        if isinstance(value, (str, bytes)) or not isinstance(value, (list, tuple)):
+            if isinstance(value, str):  # `freeze=vision,connector` on the command line
+                return [v for v in value.split(",") if v]
+            raise ConfigError(path, f"expected a list, got {value!r}")
+        return list(value)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(path, f"expected true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(path, f"expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise ConfigError(path, f"expected a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise ConfigError(path, f"expected a string, got {value!r}")
+    return value
+
+
+def model_cfg_from_dict(data: dict[str, Any], source: str | None = None) -> ModelCfg:
+    """Build and validate a :class:`ModelCfg` from a plain dict (a saved ``mmembed_config.json``)."""
+    try:
+        cfg = _from_container(ModelCfg, data, "model")
+        cfg.validate()
+    except ConfigError as e:
+        raise ConfigError(e.key, e.message, source) from None
+    return cfg
+
+
+def load_recipe(
+    recipe: str | os.PathLike | dict[str, Any] | RecipeCfg, overrides: list[str] | None = None
+) -> RecipeCfg:
+    """Read a YAML recipe (or a dict), apply ``key=value`` overrides, convert and validate.
+
+    Args:
+        recipe: a YAML path, a plain dict, or an existing :class:`RecipeCfg` (overrides still apply).
+        overrides: command-line style ``a.b=value`` strings; values are parsed as YAML.
+
+    Raises:
+        ConfigError: naming the key path and the recipe file.
+    """
+    from omegaconf import DictConfig, OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    source = None
+    if isinstance(recipe, RecipeCfg):
+        source = recipe.source
+        base = OmegaConf.create(_to_plain(recipe))
+    elif isinstance(recipe, dict):
+        base = OmegaConf.create(recipe)
+    else:
+        source = str(recipe)
+        if not Path(source).is_file():
+            raise ConfigError("", f"recipe file not found: {source}")
+        try:
+            base = OmegaConf.load(source)
+        except (OmegaConfBaseException, OSError, ValueError) as e:
+            raise ConfigError("", f"cannot parse YAML: {e}", source) from None
+    for item in overrides or []:
+        if "=" not in item or item.startswith("="):
+            raise ConfigError(item, "an override must look like key=value (e.g. train.lr=1e-5)", source)
+        key = item.split("=", 1)[0]
+        try:
+            value = OmegaConf.select(OmegaConf.from_dotlist([item]), key)
+            if isinstance(value, DictConfig) and "type" in value:  # a whole slot: replace it, don't merge args
+                OmegaConf.update(base, key, value, merge=False)
+            else:
+                base = OmegaConf.merge(base, OmegaConf.from_dotlist([item]))
+        except OmegaConfBaseException as e:
+            raise ConfigError(item.split("=", 1)[0], f"cannot apply override: {e}", source) from None
+    try:
+        data = OmegaConf.to_container(base, resolve=True)
+    except OmegaConfBaseException as e:
+        raise ConfigError("", f"cannot resolve recipe: {e}", source) from None
+    try:
+        cfg = _from_container(RecipeCfg, data or {}, "")
+        cfg.validate()
+    except ConfigError as e:
+        raise ConfigError(e.key, e.message, source) from None
+    cfg.source = source
+    return cfg
+
+
+def _to_plain(cfg: Any) -> dict[str, Any]:
+    out = dataclasses.asdict(cfg)
+    out.pop("source", None)
+    return out
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    """A dataclass config as plain JSON-able data (internal fields removed)."""
+    return _to_plain(cfg)

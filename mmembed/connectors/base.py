@@ -1,0 +1,22 @@
+"""The connector contract."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+__all__ = ["Connector"]
+
+
+class Connector(nn.Module):
+    """Maps vision tokens to the LLM's input width.
+
+    ``forward(tokens (B, N, D_v), grid (h, w)) -> (B, N', d)`` and ``num_tokens(grid) -> N'``; the
+    processor asks :meth:`num_tokens` how many placeholder rows each image expands to.
+    """
+
+    def forward(self, tokens: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+        raise NotImplementedError
+
+    def num_tokens(self, grid: tuple[int, int]) -> int:
+        raise NotImplementedError

@@ -1,0 +1,187 @@
+"""The model's processor: instruction + images + text -> padded token batch and pixel tensor.
+
+Each image placeholder expands to exactly the connector's token count (LLaVA's
+``tokenizer_image_token`` splice, ALGORITHMS.md §1 and §8); text is tokenized in one batched call;
+batches are padded to their longest row, never to a fixed length. The instruction span is recorded
+so mean pooling can leave it out.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from mmembed.data.sample import Side
+from mmembed.images import DEFAULT_MAX_PIXELS, ImageError, ImageTransform, load_image
+
+__all__ = ["Processor", "InputError"]
+
+log = logging.getLogger(__name__)
+
+
+class InputError(ValueError):
+    """A bad input row: names the row and what is wrong."""
+
+
+class Processor:
+    """Turns :class:`~mmembed.data.sample.Side` rows into model inputs.
+
+    Args:
+        tokenizer: the backbone's tokenizer (with the placeholder token added).
+        placeholder: the image placeholder string in texts (e.g. ``<image>``).
+        placeholder_id: its token id.
+        image_tokens: rows each image expands to (the connector's ``num_tokens``).
+        transform: the vision encoder's preprocessing (``None`` for text-only models).
+        max_length: text-token budget per row; image tokens come on top and are never truncated.
+        padding_side: ``left`` or ``right``.
+        add_eos: append EOS (last-token pooling reads it).
+        max_pixels: refuse larger images before decoding.
+        max_images: most images allowed in one row.
+    """
+
+    def __init__(
+        self,
+        tokenizer: Any,
+        placeholder: str,
+        placeholder_id: int,
+        image_tokens: int,
+        transform: ImageTransform | None,
+        max_length: int = 512,
+        padding_side: str = "left",
+        add_eos: bool = True,
+        max_pixels: int = DEFAULT_MAX_PIXELS,
+        max_images: int = 8,
+    ) -> None:
+        self.tokenizer = tokenizer
+        self.placeholder = placeholder
+        self.placeholder_id = int(placeholder_id)
+        self.image_tokens = int(image_tokens)
+        self.transform = transform
+        self.max_length = int(max_length)
+        self.padding_side = padding_side
+        self.max_pixels = int(max_pixels)
+        self.max_images = int(max_images)
+        self.pad_id = int(tokenizer.pad_token_id)
+        specials = list(tokenizer("", add_special_tokens=True)["input_ids"])
+        eos = tokenizer.eos_token_id
+        if specials and eos is not None and specials[-1] == eos:
+            specials = specials[:-1]
+        self.prefix_ids = specials  # BOS for Llama-style tokenizers, nothing for Qwen
+        self.suffix_ids = [int(eos)] if add_eos and eos is not None else []
+        self._warned_truncation = False
+
+    def length(self, side: Side) -> int:
+        """Cheap length estimate in tokens (for grouping by length; no tokenization)."""
+        chars = len(side.text or "") + len(side.instruction or "")
+        return chars // 3 + len(side.images) * self.image_tokens + len(self.prefix_ids) + len(self.suffix_ids)
+
+    def _layout(self, side: Side, row: Any) -> tuple[str | None, list[str]]:
+        """Instruction string and the text chunks between image placeholders."""
+        if side.text is None and not side.images and not side.instruction:
+            raise InputError(f"row {row}: empty input (no text, no image, no instruction)")
+        text = side.text or ""
+        n_img = len(side.images)
+        if n_img > self.max_images:
+            raise InputError(f"row {row}: {n_img} images, more than max_images_per_input={self.max_images}")
+        count = text.count(self.placeholder)
+        if count == 0 and n_img:
+            text = self.placeholder * n_img + text
+            count = n_img
+        if count != n_img:
+            raise InputError(
+                f"row {row}: the text has {count} image placeholder(s) '{self.placeholder}' but {n_img} image(s) given"
+            )
+        if n_img and self.transform is None:
+            raise InputError(f"row {row}: images given but the model has no vision encoder")
+        instruction = side.instruction.strip() + " " if side.instruction and side.instruction.strip() else None
+        return instruction, text.split(self.placeholder)
+
+    def tokenize(self, sides: Sequence[Side], rows: Sequence[Any] | None = None) -> list[tuple[list[int], int]]:
+        """Token ids per row (placeholders expanded) and the instruction length (prefix included)."""
+        rows = list(rows) if rows is not None else list(range(len(sides)))
+        layouts = [self._layout(s, r) for s, r in zip(sides, rows)]
+        strings: list[str] = []
+        for instruction, chunks in layouts:
+            strings.extend(([instruction] if instruction else []) + chunks)
+        encoded = self.tokenizer(strings, add_special_tokens=False)["input_ids"] if strings else []
+        out, pos = [], 0
+        budget = self.max_length - len(self.prefix_ids) - len(self.suffix_ids)
+        for (instruction, chunks), row in zip(layouts, rows):
+            n_seg = len(chunks) + (1 if instruction else 0)
+            segs = [list(x) for x in encoded[pos : pos + n_seg]]
+            pos += n_seg
+            excess = sum(len(s) for s in segs) - budget
+            if excess > 0:  # cut text from the end; image placeholders are never cut
+                if not self._warned_truncation:
+                    log.warning("row %s: text longer than max_length=%d tokens; truncating", row, self.max_length)
+                    self._warned_truncation = True
+                for s in reversed(segs):
+                    cut = min(excess, len(s))
+                    del s[len(s) - cut :]
+                    excess -= cut
+                    if excess <= 0:
+                        break
+            instr = segs.pop(0) if instruction else []
+            ids = self.prefix_ids + instr
+            n_instr = len(ids)
+            image_run = [self.placeholder_id] * self.image_tokens
+            for i, chunk in enumerate(segs):
+                if i:
+                    ids = ids + image_run
+                ids = ids + chunk
+            out.append((ids + self.suffix_ids, n_instr))
+        return out
+
+    def load_images(self, sides: Sequence[Side], rows: Sequence[Any]) -> torch.Tensor | None:
+        """All images of the batch, in row order: (N_img, 3, S, S), or ``None`` if there are none."""
+        n = sum(len(s.images) for s in sides)
+        if n == 0:
+            return None
+        assert self.transform is not None
+        size = self.transform.size
+        pixels = torch.empty(n, 3, size, size)
+        k = 0
+        for side, row in zip(sides, rows):
+            for img in side.images:
+                shown = img if isinstance(img, (str, os.PathLike)) else f"<{type(img).__name__}>"
+                label = f"row {row}: image {shown}"
+                try:
+                    pil = load_image(img, self.max_pixels, name=label)
+                except ImageError as e:
+                    raise InputError(str(e)) from None
+                pixels[k] = self.transform(pil)
+                k += 1
+        return pixels
+
+    def __call__(self, sides: Sequence[Side], rows: Sequence[Any] | None = None) -> dict[str, torch.Tensor]:
+        """Collate rows into a batch padded to its longest row.
+
+        Returns:
+            ``input_ids`` (B, L), ``attention_mask`` (B, L), ``pool_mask`` (B, L) (instruction zeroed),
+            ``image_counts`` (B,), and ``pixel_values`` (N_img, 3, S, S) when any row has an image.
+        """
+        rows = list(rows) if rows is not None else list(range(len(sides)))
+        tokens = self.tokenize(sides, rows)
+        batch, length = len(tokens), max((len(ids) for ids, _ in tokens), default=0)
+        input_ids = torch.full((batch, length), self.pad_id, dtype=torch.long)
+        attention = torch.zeros(batch, length, dtype=torch.long)
+        pool = torch.zeros(batch, length, dtype=torch.long)
+        for i, (ids, n_instr) in enumerate(tokens):
+            start = length - len(ids) if self.padding_side == "left" else 0
+            input_ids[i, start : start + len(ids)] = torch.tensor(ids, dtype=torch.long)
+            attention[i, start : start + len(ids)] = 1
+            pool[i, start + n_instr : start + len(ids)] = 1
+        out = {
+            "input_ids": input_ids,
+            "attention_mask": attention,
+            "pool_mask": pool,
+            "image_counts": torch.tensor([len(s.images) for s in sides], dtype=torch.long),
+        }
+        pixels = self.load_images(sides, rows)
+        if pixels is not None:
+            out["pixel_values"] = pixels
+        return out

@@ -1,0 +1,73 @@
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+from conftest import ROOT, TINY_RECIPE
+
+from mmembed.config import ConfigError, load_recipe
+
+
+def test_tiny_recipe_loads_with_defaults():
+    cfg = load_recipe(TINY_RECIPE)
+    assert cfg.model.connector == {"type": "mlp", "depth": 2}
+    assert cfg.train.optimizer == "adamw" and cfg.source == str(TINY_RECIPE)
+
+
+def test_overrides_apply_with_yaml_typing():
+    cfg = load_recipe(TINY_RECIPE, ["model.connector.depth=3", "train.lr=1e-5", "model.padding_side=right"])
+    assert cfg.model.connector["depth"] == 3
+    assert cfg.train.lr == pytest.approx(1e-5)
+    assert cfg.model.padding_side == "right"
+
+
+@pytest.mark.parametrize(
+    "override, key, fragment",
+    [
+        (["model.conector.type=mlp"], "model.conector", "Did you mean 'connector'"),
+        (["model.connector.type=mpl"], "model.connector.type", "Did you mean 'mlp'"),
+        (["model.connector.dept=3"], "model.connector", "did you mean 'depth'"),
+        (["model.pooler.type=lst_token"], "model.pooler.type", "last_token"),
+        (["train.optimizer=adamx"], "train.optimizer", "Allowed: adamw, sgd"),
+        (["train.batch_size=two"], "train.batch_size", "expected an integer"),
+        (["model.padding_side=middle"], "model.padding_side", "'left' or 'right'"),
+        (["model.vision.nam=x"], "model.vision", "did you mean 'name'"),
+        (["train.gradcache_chunk_size=64", "train.batch_size=8"], "train.gradcache_chunk_size", "between 1 and"),
+        (["model.connector.depth=0"], "model.connector.depth", "must be >= 1"),
+    ],
+)
+def test_bad_recipes_name_the_key_and_file(override, key, fragment):
+    with pytest.raises(ConfigError) as info:
+        load_recipe(TINY_RECIPE, override)
+    err = info.value
+    assert err.key == key, str(err)
+    assert fragment in str(err)
+    assert str(TINY_RECIPE) in str(err)
+
+
+def test_missing_recipe_and_bad_override_syntax(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        load_recipe(tmp_path / "nope.yaml")
+    with pytest.raises(ConfigError, match="key=value"):
+        load_recipe(TINY_RECIPE, ["train.lr"])
+
+
+def test_cli_reports_config_errors_with_exit_2_and_no_traceback():
+    proc = subprocess.run(
+        [sys.executable, "-m", "mmembed.cli", "validate", str(TINY_RECIPE), "model.connector.type=mpl"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr
+    assert "model.connector.type" in proc.stderr and "Did you mean 'mlp'" in proc.stderr
+    assert str(TINY_RECIPE) in proc.stderr
+
+
+def test_every_recipe_validates():
+    recipes = sorted((ROOT / "recipes").rglob("*.yaml"))
+    assert recipes, "no recipes found"
+    for path in recipes:
+        load_recipe(path)
