@@ -90,3 +90,17 @@ def test_prompts_travel_with_the_model(tiny_model, tmp_path):
     a = loaded.encode(texts=["a cat"], instruction="query")
     b = loaded.encode(texts=["a cat"], instruction="Represent the given input.")
     np.testing.assert_array_equal(a, b)
+
+
+def test_inference_path_never_imports_training_libraries(tiny_model, tmp_path):
+    import subprocess
+    import sys
+
+    out = tiny_model.save(tmp_path / "m")
+    code = (
+        "import sys, mmembed; m = mmembed.load(sys.argv[1]); m.encode(texts=['a'], images=[None]); "
+        "bad = [k for k in ('deepspeed', 'webdataset', 'peft', 'mmembed.train') if k in sys.modules]; "
+        "print(bad); sys.exit(1 if bad else 0)"
+    )
+    proc = subprocess.run([sys.executable, "-c", code, str(out)], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
