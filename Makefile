@@ -19,6 +19,9 @@ install: $(STAMP)
 demo: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/python -m mmembed.demo
 
+# DeepSpeed compiles its CPU communication op once per environment; keep it with the venv (one torch version).
+export TORCH_EXTENSIONS_DIR ?= $(abspath $(VENV))/torch_extensions
+
 test: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q
 

@@ -148,6 +148,13 @@ class TrainCfg:
             )
         if self.max_steps < 1:
             raise ConfigError(f"{prefix}.max_steps", f"must be >= 1, got {self.max_steps}")
+        if self.lora is not None:
+            allowed = ("r", "alpha", "dropout", "target_modules", "use_dora", "init")
+            for key in self.lora:
+                if key not in allowed:
+                    close = difflib.get_close_matches(key, allowed, n=1, cutoff=0.5)
+                    hint = f" Did you mean '{close[0]}'?" if close else ""
+                    raise ConfigError(f"{prefix}.lora.{key}", f"unknown LoRA key.{hint} Allowed: {', '.join(allowed)}")
 
 
 @dataclass
@@ -310,10 +317,7 @@ def load_recipe(
         source = str(recipe)
         if not Path(source).is_file():
             raise ConfigError("", f"recipe file not found: {source}")
-        try:
-            base = OmegaConf.load(source)
-        except (OmegaConfBaseException, OSError, ValueError) as e:
-            raise ConfigError("", f"cannot parse YAML: {e}", source) from None
+        base = _load_yaml(Path(source), [])
     for item in overrides or []:
         if "=" not in item or item.startswith("="):
             raise ConfigError(item, "an override must look like key=value (e.g. train.lr=1e-5)", source)
@@ -337,6 +341,28 @@ def load_recipe(
         raise ConfigError(e.key, e.message, source) from None
     cfg.source = source
     return cfg
+
+
+def _load_yaml(path: Path, seen: list[Path]) -> Any:
+    """A YAML recipe; a top-level ``base: other.yaml`` (relative to this file) is loaded first and
+    this file merged on top, so a recipe can say only what differs from another."""
+    from omegaconf import DictConfig, OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    if path.resolve() in seen:
+        raise ConfigError("base", f"recipes include each other in a cycle: {' -> '.join(map(str, seen))}", str(path))
+    if not path.is_file():
+        raise ConfigError("base", f"recipe file not found: {path}", str(seen[-1]) if seen else None)
+    try:
+        node = OmegaConf.load(path)
+    except (OmegaConfBaseException, OSError, ValueError) as e:
+        raise ConfigError("", f"cannot parse YAML: {e}", str(path)) from None
+    if not isinstance(node, DictConfig):
+        raise ConfigError("", "a recipe must be a mapping of sections (model, data, loss, train)", str(path))
+    parent = node.pop("base", None)
+    if parent is None:
+        return node
+    return OmegaConf.merge(_load_yaml(path.parent / str(parent), [*seen, path.resolve()]), node)
 
 
 def _to_plain(cfg: Any) -> dict[str, Any]:

@@ -73,8 +73,14 @@ class EmbeddingModel(nn.Module):
         embeds = self.backbone.embed(input_ids)
         pixels = batch.get("pixel_values")
         if pixels is None or pixels.shape[0] == 0:
-            if self.training and self.connector is not None:  # keep the visual slots in the graph (DDP/ZeRO)
-                embeds = embeds + 0.0 * sum(p.view(-1)[0] for p in self.connector.parameters())
+            if self.training and self.vision is not None:
+                # Text-only batch in training: run the visual path on one blank image and add it times 0,
+                # so every rank (and every GradCache chunk) runs the same modules and produces gradients
+                # for the same parameters. ZeRO-3 gathers parameters per module call and ZeRO-2 reduces
+                # in buckets; both hang or fail when ranks differ (LLaVA adds 0 * visual for the same reason).
+                size = self.vision.image_size
+                blank = self.image_features(torch.zeros(1, 3, size, size))
+                embeds = embeds + 0.0 * blank.sum().to(embeds.dtype)
             return embeds
         feats = self.image_features(pixels)  # (N_img, N', d)
         slots = input_ids == self.processor.placeholder_id  # (B, L)

@@ -185,3 +185,30 @@ class Processor:
         if pixels is not None:
             out["pixel_values"] = pixels
         return out
+
+
+def split_batch(batch: dict[str, torch.Tensor], chunk_size: int) -> list[dict[str, torch.Tensor]]:
+    """Split a processor batch into chunks of ``chunk_size`` rows (GradCache, eval).
+
+    Row tensors are sliced; ``pixel_values`` (N_img, 3, S, S) is sliced by the rows' image counts
+    (views, no copy). Columns that are padding in every row of a chunk are dropped, so each chunk is
+    padded only to its own longest row; positions come from ``cumsum(mask)`` and do not change.
+    """
+    if chunk_size < 1:
+        raise ValueError(f"chunk size must be >= 1, got {chunk_size}")
+    n = batch["input_ids"].shape[0]
+    img_offsets = torch.cat([torch.zeros(1, dtype=torch.long), batch["image_counts"].cumsum(0)])
+    chunks = []
+    for start in range(0, n, chunk_size):
+        stop = min(start + chunk_size, n)
+        mask = batch["attention_mask"][start:stop]
+        cols = mask.any(dim=0).nonzero()
+        lo, hi = (int(cols[0]), int(cols[-1]) + 1) if len(cols) else (0, mask.shape[1])
+        chunk = {k: batch[k][start:stop, lo:hi] for k in ("input_ids", "attention_mask", "pool_mask")}
+        chunk["image_counts"] = batch["image_counts"][start:stop]
+        if "pixel_values" in batch:
+            a, b = int(img_offsets[start]), int(img_offsets[stop])
+            if b > a:
+                chunk["pixel_values"] = batch["pixel_values"][a:b]
+        chunks.append(chunk)
+    return chunks

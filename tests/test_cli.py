@@ -7,10 +7,10 @@ import subprocess
 import sys
 
 import numpy as np
-from conftest import ROOT, make_image
 
 import mmembed
 from mmembed.cli import main
+from tests.conftest import ROOT, make_image
 
 
 def _write_rows(tmp_path):
@@ -34,9 +34,24 @@ def test_encode_cli_matches_the_python_api(tiny_model, tmp_path):
     rows_path, rows = _write_rows(tmp_path)
     out = tmp_path / "emb.npy"
     proc = subprocess.run(
-        [sys.executable, "-m", "mmembed.cli", "encode", str(model_dir), "--input", str(rows_path),
-         "--output", str(out), "--instruction", "Represent the input.", "--batch-size", "3"],
-        capture_output=True, text=True, cwd=ROOT,
+        [
+            sys.executable,
+            "-m",
+            "mmembed.cli",
+            "encode",
+            str(model_dir),
+            "--input",
+            str(rows_path),
+            "--output",
+            str(out),
+            "--instruction",
+            "Represent the input.",
+            "--batch-size",
+            "3",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
     )
     assert proc.returncode == 0, proc.stderr
     emb = np.load(out)

@@ -4,9 +4,9 @@ import subprocess
 import sys
 
 import pytest
-from conftest import ROOT, TINY_RECIPE
 
 from mmembed.config import ConfigError, load_recipe
+from tests.conftest import ROOT, TINY_RECIPE
 
 
 def test_tiny_recipe_loads_with_defaults():

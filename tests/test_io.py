@@ -7,16 +7,17 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import TINY_RECIPE, make_image
 from safetensors.torch import load_file, save_file
 
 import mmembed
 from mmembed.io import CONFIG_NAME, WEIGHTS_NAME
+from tests.conftest import TINY_RECIPE, make_image
 
 VISION_SWAPS = {
     "timm": [],
     "open_clip": [
-        "model.vision={type: open_clip, vision_cfg: {image_size: 32, layers: 2, width: 64, head_width: 32, patch_size: 8}}"
+        "model.vision={type: open_clip, "
+        "vision_cfg: {image_size: 32, layers: 2, width: 64, head_width: 32, patch_size: 8}}"
     ],
     "hf_clip": [
         "model.vision={type: hf, layer: -2, config: {model_type: clip_vision_model, hidden_size: 32, "

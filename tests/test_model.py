@@ -5,10 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import TINY_RECIPE, make_image
 
 import mmembed
 from mmembed.processing import InputError
+from tests.conftest import TINY_RECIPE, make_image
 
 # Decoder families whose tiny configs the tests build (AutoModel.from_config, no download).
 FAMILIES = ["qwen2", "llama", "mistral", "phi3", "qwen3", "gemma"]
@@ -26,8 +26,15 @@ def _rows():
         "",
     ]
     images = [None, imgs[1], imgs[2], None, [imgs[4], imgs[5]], imgs[5], imgs[6]]
-    instructions = [None, "Represent the given image.", "Represent the given image with the following question:",
-                    "Find me an everyday image that matches the given caption:", None, None, "Represent the given image."]
+    instructions = [
+        None,
+        "Represent the given image.",
+        "Represent the given image with the following question:",
+        "Find me an everyday image that matches the given caption:",
+        None,
+        None,
+        "Represent the given image.",
+    ]
     return texts, images, instructions
 
 
@@ -114,7 +121,9 @@ def test_long_text_is_truncated_once_with_a_warning_and_keeps_the_image(tiny_mod
 
 def test_processor_masks_and_expansion(tiny_model):
     p = tiny_model.processor
-    side = mmembed.data.sample.Side(instruction="Represent the given image.", text="a red circle", images=[make_image(0)])
+    side = mmembed.data.sample.Side(
+        instruction="Represent the given image.", text="a red circle", images=[make_image(0)]
+    )
     batch = p([side, mmembed.data.sample.Side(text="hi")])
     ids, am, pm = batch["input_ids"], batch["attention_mask"], batch["pool_mask"]
     assert ids.shape[1] == am[0].sum()  # the longest row sets the length (pad to longest, not a fixed length)
@@ -124,3 +133,21 @@ def test_processor_masks_and_expansion(tiny_model):
     assert batch["pixel_values"].shape == (1, 3, 64, 64)
     assert ids[1, 0] == p.pad_id and am[1, 0] == 0  # left padding
     assert ids[0, -1] == p.tokenizer.eos_token_id
+
+
+def test_split_batch_chunks_give_the_same_embeddings(tiny_model):
+    from mmembed.data.sample import Side
+    from mmembed.processing import split_batch
+
+    texts, images, instr = _rows()
+    sides = tiny_model._rows(texts, images, instr)
+    batch = tiny_model.processor(sides)
+    with torch.no_grad():
+        full = tiny_model(batch)
+        parts = torch.cat([tiny_model(c) for c in split_batch(batch, 3)])
+    assert isinstance(sides[0], Side)
+    assert torch.allclose(full, parts, atol=1e-5)
+    chunks = split_batch(batch, 3)
+    assert [c["input_ids"].shape[0] for c in chunks] == [3, 3, 1]
+    assert sum(c.get("pixel_values", torch.empty(0, 3, 64, 64)).shape[0] for c in chunks) == 6
+    assert chunks[-1]["input_ids"].shape[1] == int(batch["attention_mask"][-1].sum())  # trimmed to its own length

@@ -77,7 +77,9 @@ def test_contract(slot, name, i, tmp_path):
         module = pooler
         if not list(pooler.parameters()):  # parameter-free poolers: gradient flows to the input instead
             hidden_leaf = layers[-1].clone().requires_grad_()
-            pooler(tuple(layers[:-1]) + (hidden_leaf,) if pooler.needs_all_layers else hidden_leaf, am, pm).sum().backward()
+            pooler(
+                tuple(layers[:-1]) + (hidden_leaf,) if pooler.needs_all_layers else hidden_leaf, am, pm
+            ).sum().backward()
             assert hidden_leaf.grad is not None and hidden_leaf.grad.abs().sum() > 0
     elif slot == "backbone":
         bb, args = _build(slot, name, i)
@@ -93,7 +95,11 @@ def test_contract(slot, name, i, tmp_path):
 
         def rebuild():
             export = bb.export(tmp_path)
-            export = {**export, "name": str(tmp_path / export["name"]), "tokenizer": str(tmp_path / export["tokenizer"])}
+            export = {
+                **export,
+                "name": str(tmp_path / export["name"]),
+                "tokenizer": str(tmp_path / export["tokenizer"]),
+            }
             other = instantiate(ALL[slot], {"type": name, **export})
             assert other.add_placeholder("<image>") == ph
             return other

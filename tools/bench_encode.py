@@ -78,7 +78,8 @@ def main() -> None:
 
     def run_plain() -> np.ndarray:
         with torch.inference_mode():
-            outs = [plain_forward(model, texts[s : s + bs], images[s : s + bs], instruction) for s in range(0, args.n, bs)]
+            starts = range(0, args.n, bs)
+            outs = [plain_forward(model, texts[s : s + bs], images[s : s + bs], instruction) for s in starts]
         return torch.cat(outs).numpy()
 
     def run_encode() -> np.ndarray:
@@ -93,8 +94,10 @@ def main() -> None:
             times[name].append(time.perf_counter() - t0)
     plain, enc = statistics.median(times["plain"]), statistics.median(times["encode"])
     params = sum(p.numel() for p in model.parameters()) / 1e6
-    print(f"model {params:.1f}M params, {model.processor.image_tokens} visual tokens/image, {args.n} rows, "
-          f"batch {bs}, {args.threads} threads, fp32 CPU")
+    print(
+        f"model {params:.1f}M params, {model.processor.image_tokens} visual tokens/image, {args.n} rows, "
+        f"batch {bs}, {args.threads} threads, fp32 CPU"
+    )
     print(f"max |plain - encode| = {diff:.2e}")
     print(f"plain forward : {args.n / plain:8.2f} rows/s (median of {args.repeats})")
     print(f"model.encode  : {args.n / enc:8.2f} rows/s")

@@ -1,0 +1,293 @@
+"""Row formats -> :class:`Sample` / :class:`EvalExample` (ANCHORS.md §1.3-1.4).
+
+Formats (detected from the column names, or named explicitly):
+
+- ``mmeb_train``: ``qry, qry_image_path, pos_text, pos_image_path[, neg_text, neg_image_path]``.
+  ``qry`` holds the instruction joined with the text; it stays text unless a manifest instruction
+  says which inline prefix to strip (see :mod:`mmembed.data.instructions`). ``neg_*`` may be a string
+  (one negative) or a list.
+- ``mmeb_eval``: ``qry_text, qry_img_path, tgt_text[list], tgt_img_path[list]``, positive first.
+- ``mmeb_eval_instruct``: the same plus ``qry_inst`` and ``tgt_inst``.
+- ``pairs``: mmembed's own JSONL (data/README.md): ``{"query": SIDE, "positive": SIDE,
+  "negatives": [SIDE, ...], "dataset"?: str}`` where SIDE is a string (text only) or
+  ``{"text"?: str, "image"?: str, "images"?: [str], "instruction"?: str}``.
+
+The MMEB placeholder ``<|image_N|>`` is replaced by the backbone's placeholder (a parameter);
+it is dropped when the side has no image. Image paths are resolved against ``image_root``.
+Parsers raise :class:`BadSample` for a missing or mistyped field or an empty side.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from mmembed.data.sample import Side
+from mmembed.data.skips import BadSample
+
+__all__ = [
+    "FORMATS",
+    "MMEB_PLACEHOLDER",
+    "EvalExample",
+    "ParseOptions",
+    "detect_format",
+    "parse_row",
+    "parse_eval_row",
+    "convert_text",
+    "content_key",
+]
+
+MMEB_PLACEHOLDER = "<|image_1|>"
+_MMEB_TOKEN = re.compile(r"<\|image_\d+\|>")
+FORMATS = ("mmeb_train", "mmeb_eval", "mmeb_eval_instruct", "pairs")
+TRAIN_FORMATS = ("mmeb_train", "pairs")
+EVAL_FORMATS = ("mmeb_eval", "mmeb_eval_instruct")
+
+
+@dataclass
+class EvalExample:
+    """One MMEB-style eval query ranked against its own candidate list; the positive is index 0.
+
+    ``candidate_keys[i]`` identifies candidate i by content (text and image path) so eval code can
+    de-duplicate candidates shared between queries before encoding (VLM2Vec ``cand_name``).
+    """
+
+    query: Side
+    candidates: list[Side]
+    dataset: str = ""
+    source: str = ""
+    candidate_keys: list[str] = field(default_factory=list)
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    positive: int = 0  # always 0 in MMEB files; kept explicit for readers of the eval code
+
+
+@dataclass
+class ParseOptions:
+    """How to turn a row into sides.
+
+    Attributes:
+        placeholder: the backbone's image placeholder that replaces ``<|image_N|>``.
+        image_root: folder that relative image paths are resolved against.
+        max_text_chars: longer texts are cut to this many characters (``meta["text_truncated"]``);
+            the tokenizer truncates to ``model.max_length`` anyway, this only bounds memory and time.
+    """
+
+    placeholder: str = "<image>"
+    image_root: str | Path = "."
+    max_text_chars: int = 20_000
+
+
+def detect_format(columns: list[str] | set[str], where: str = "") -> str:
+    """Name the format from the column/field names; raises ValueError naming what was seen."""
+    cols = set(columns)
+    if {"qry", "pos_text"} <= cols:
+        return "mmeb_train"
+    if {"qry_inst", "tgt_inst", "qry_text", "tgt_text"} <= cols:
+        return "mmeb_eval_instruct"
+    if {"qry_text", "tgt_text"} <= cols:
+        return "mmeb_eval"
+    if {"query", "positive"} <= cols:
+        return "pairs"
+    raise ValueError(
+        f"{where}: cannot tell the format from the fields {sorted(cols)}; expected MMEB-train "
+        "(qry, pos_text, ...), MMEB-eval (qry_text, tgt_text, ...) or pairs (query, positive, ...)"
+    )
+
+
+def content_key(side: Side) -> int:
+    """A 63-bit id of a side's content (instruction, text, image paths or bytes).
+
+    Equal ids mean identical targets (e.g. the same class label for two queries of a batch), which
+    the loss may mask as false in-batch negatives. Computed before decoding, so paths identify images.
+    """
+    h = hashlib.blake2b(digest_size=8)
+    h.update((side.instruction or "").encode())
+    h.update(b"\x00")
+    h.update((side.text or "").encode())
+    for im in side.images:
+        h.update(b"\x00")
+        if isinstance(im, (str, os.PathLike)):
+            h.update(str(im).encode())
+        elif isinstance(im, (bytes, bytearray)):
+            h.update(hashlib.blake2b(bytes(im), digest_size=8).digest())
+        else:
+            h.update(im.tobytes())
+    return int.from_bytes(h.digest(), "little") & (2**63 - 1)
+
+
+# ----------------------------------------------------------------------------------------------
+# Field access with precise errors
+
+
+def _get(row: dict[str, Any], key: str, kind: type | tuple[type, ...], required: bool) -> Any:
+    if key not in row or row[key] is None:
+        if required:
+            raise BadSample("missing_field", f"field '{key}' is missing (expected {_kind_name(kind)})")
+        return None
+    value = row[key]
+    if isinstance(value, float) and value != value:  # NaN from pandas-written files
+        return None
+    if not isinstance(value, kind):
+        raise BadSample("bad_field", f"field '{key}': expected {_kind_name(kind)}, got {type(value).__name__}")
+    return value
+
+
+def _kind_name(kind: type | tuple[type, ...]) -> str:
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    return " or ".join({str: "a string", list: "a list", dict: "an object"}.get(k, k.__name__) for k in kinds)
+
+
+def _str_list(row: dict[str, Any], key: str, required: bool) -> list[str | None]:
+    value = _get(row, key, (str, list, tuple), required)
+    if value is None:
+        return []
+    items = [value] if isinstance(value, str) else list(value)
+    for j, v in enumerate(items):
+        if v is not None and not isinstance(v, str):
+            raise BadSample("bad_field", f"field '{key}[{j}]': expected a string, got {type(v).__name__}")
+    return items
+
+
+def convert_text(text: str | None, has_image: bool, placeholder: str) -> str | None:
+    """Replace MMEB's ``<|image_N|>`` by ``placeholder`` (or drop it when the side has no image)."""
+    if text is None:
+        return None
+    text = _MMEB_TOKEN.sub(placeholder if has_image else "", text)
+    text = text.strip()
+    return text or None
+
+
+def _side(
+    text: str | None, images: list[str | None], opts: ParseOptions, what: str, instruction: str | None = None
+) -> tuple[Side, bool]:
+    paths = [_resolve(p, opts.image_root) for p in images if p]
+    text = convert_text(text, bool(paths), opts.placeholder)
+    cut = False
+    if text is not None and len(text) > opts.max_text_chars:
+        text, cut = text[: opts.max_text_chars], True
+    instruction = instruction.strip() if instruction else None
+    side = Side(instruction=instruction or None, text=text, images=paths)
+    if side.is_empty():
+        raise BadSample("empty_text", f"{what} has neither text nor an image")
+    return side, cut
+
+
+def _resolve(path: str, root: str | Path) -> str:
+    p = Path(path)
+    return str(p if p.is_absolute() else Path(root) / p)
+
+
+# ----------------------------------------------------------------------------------------------
+# Training rows
+
+
+def parse_row(row: dict[str, Any], fmt: str, opts: ParseOptions) -> tuple[Side, Side, list[Side], dict[str, Any]]:
+    """One training row -> (query, positive, negatives, meta). Raises :class:`BadSample`.
+
+    ``meta["text_truncated"]`` is set when a text was longer than ``opts.max_text_chars``.
+    """
+    if not isinstance(row, dict):
+        raise BadSample("bad_field", f"expected a JSON object per row, got {type(row).__name__}")
+    if fmt == "mmeb_train":
+        out = _parse_mmeb_train(row, opts)
+    elif fmt == "pairs":
+        out = _parse_pairs(row, opts)
+    elif fmt in EVAL_FORMATS:
+        raise BadSample("bad_format", f"format {fmt} is an eval format; read it with read_eval_set")
+    else:
+        raise BadSample("bad_format", f"unknown format {fmt!r}; known: {', '.join(FORMATS)}")
+    return out
+
+
+def _parse_mmeb_train(row: dict[str, Any], opts: ParseOptions):
+    cut = []
+    # a list of image paths (several images in one side) is accepted for the query and the positive
+    q, c = _side(_get(row, "qry", str, True), _str_list(row, "qry_image_path", False), opts, "query")
+    cut.append(c)
+    p, c = _side(_get(row, "pos_text", str, True), _str_list(row, "pos_image_path", False), opts, "positive")
+    cut.append(c)
+    neg_t, neg_i = _str_list(row, "neg_text", False), _str_list(row, "neg_image_path", False)
+    if neg_t and neg_i and len(neg_t) != len(neg_i):
+        raise BadSample("bad_field", f"neg_text has {len(neg_t)} entries but neg_image_path has {len(neg_i)}")
+    negatives = []
+    for j in range(max(len(neg_t), len(neg_i))):
+        t = neg_t[j] if j < len(neg_t) else None
+        i = neg_i[j] if j < len(neg_i) else None
+        if not (t and t.strip()) and not i:
+            continue  # an empty negative slot means "no negative"
+        n, c = _side(t, [i], opts, f"negative {j}")
+        negatives.append(n)
+        cut.append(c)
+    return q, p, negatives, {"text_truncated": True} if any(cut) else {}
+
+
+def _pairs_side(value: Any, key: str, opts: ParseOptions) -> tuple[Side, bool]:
+    if isinstance(value, str):
+        return _side(value, [], opts, key)
+    if not isinstance(value, dict):
+        raise BadSample("bad_field", f"field '{key}': expected a string or an object, got {type(value).__name__}")
+    unknown = set(value) - {"text", "image", "images", "instruction"}
+    if unknown:
+        raise BadSample(
+            "bad_field", f"field '{key}': unknown keys {sorted(unknown)}; allowed text, image(s), instruction"
+        )
+    images = _str_list(value, "images", False) + _str_list(value, "image", False)
+    text = _get(value, "text", str, False)
+    return _side(text, images, opts, key, instruction=_get(value, "instruction", str, False))
+
+
+def _parse_pairs(row: dict[str, Any], opts: ParseOptions):
+    if "query" not in row or row["query"] is None:
+        raise BadSample("missing_field", "field 'query' is missing (expected a string or an object)")
+    if "positive" not in row or row["positive"] is None:
+        raise BadSample("missing_field", "field 'positive' is missing (expected a string or an object)")
+    q, c1 = _pairs_side(row["query"], "query", opts)
+    p, c2 = _pairs_side(row["positive"], "positive", opts)
+    negs = _get(row, "negatives", list, False) or []
+    negatives, cuts = [], [c1, c2]
+    for j, n in enumerate(negs):
+        side, c = _pairs_side(n, f"negatives[{j}]", opts)
+        negatives.append(side)
+        cuts.append(c)
+    meta = {"text_truncated": True} if any(cuts) else {}
+    if isinstance(row.get("dataset"), str):
+        meta["dataset"] = row["dataset"]
+    return q, p, negatives, meta
+
+
+# ----------------------------------------------------------------------------------------------
+# Eval rows
+
+
+def parse_eval_row(row: dict[str, Any], fmt: str, opts: ParseOptions) -> EvalExample:
+    """One MMEB-eval row (plain or instructed) -> :class:`EvalExample`. Raises :class:`BadSample`."""
+    if not isinstance(row, dict):
+        raise BadSample("bad_field", f"expected a JSON object per row, got {type(row).__name__}")
+    if fmt not in EVAL_FORMATS:
+        raise BadSample("bad_format", f"format {fmt!r} is not an eval format ({', '.join(EVAL_FORMATS)})")
+    instructed = fmt == "mmeb_eval_instruct"
+    q_inst = _get(row, "qry_inst", str, False) if instructed else None
+    t_inst = _get(row, "tgt_inst", str, False) if instructed else None
+    q_imgs = _str_list(row, "qry_img_path", False)
+    query, cut = _side(_get(row, "qry_text", str, False), q_imgs, opts, "query", instruction=q_inst)
+    texts = _str_list(row, "tgt_text", True)
+    if isinstance(row.get("tgt_text"), str):
+        raise BadSample("bad_field", "field 'tgt_text': expected a list of candidates, got a string")
+    imgs = _str_list(row, "tgt_img_path", False)
+    if imgs and len(imgs) != len(texts):
+        raise BadSample("bad_field", f"tgt_text has {len(texts)} candidates but tgt_img_path has {len(imgs)}")
+    if not texts:
+        raise BadSample("missing_field", "field 'tgt_text' has no candidates")
+    candidates, keys = [], []
+    for j, t in enumerate(texts):
+        i = imgs[j] if imgs else None
+        side, c = _side(t, [i], opts, f"candidate {j}", instruction=t_inst)
+        candidates.append(side)
+        keys.append(f"{t or ''}\x00{i or ''}")
+        cut = cut or c
+    return EvalExample(query=query, candidates=candidates, candidate_keys=keys, meta={"text_truncated": cut})

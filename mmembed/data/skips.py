@@ -1,0 +1,155 @@
+"""Bad-sample accounting: what was read, what was kept, what was skipped and why.
+
+Every reader reports each row it reads to a :class:`SkipCounter`: ``good`` or ``skip(reason, ...)``,
+so ``good + skipped == read`` always holds. Counters from DataLoader workers travel back inside the
+batches (:meth:`SkipCounter.to_dict`) and are merged in the training process (:meth:`merge`).
+``strict=True`` turns the first bad sample into a :class:`DataError` that names the file and row.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+from mmembed.images import ImageError
+
+__all__ = ["DataError", "BadSample", "SkipCounter", "image_reason"]
+
+
+class DataError(ValueError):
+    """A bad sample in strict mode, or a problem that makes a whole data source unusable.
+
+    ``source`` is ``file:row`` (or just the file), ``reason`` a short category such as
+    ``image_missing``, ``detail`` the human-readable explanation.
+    """
+
+    def __init__(self, source: str, reason: str, detail: str) -> None:
+        self.source, self.reason, self.detail = source, reason, detail
+        super().__init__(f"{source}: {detail} [{reason}]")
+
+
+class BadSample(Exception):
+    """Raised by a row parser or image decoder for one unusable sample (caught by the reader)."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        self.reason, self.detail = reason, detail
+        super().__init__(f"{detail} [{reason}]")
+
+
+def image_reason(err: ImageError) -> str:
+    """Map an :class:`ImageError` from ``load_image`` to a skip category."""
+    r = err.reason.lower()
+    if "not found" in r:
+        return "image_missing"
+    if "empty" in r:
+        return "image_empty"
+    if "pixel limit" in r:
+        return "image_too_large"
+    if "not a recognised" in r:
+        return "image_not_an_image"
+    return "image_corrupt"
+
+
+@dataclass
+class SkipCounter:
+    """Counts per reason plus the first ``keep_examples`` bad samples with their source.
+
+    Attributes:
+        read: samples (rows, shard entries) read.
+        good: samples that were usable.
+        skipped: reason -> count of skipped samples; ``sum(skipped.values()) + good == read``.
+        events: reason -> count of problems not tied to one sample (``truncated_shard``,
+            ``text_truncated`` for kept samples whose text was cut).
+        examples: the first few ``{"source", "reason", "detail"}`` records.
+    """
+
+    strict: bool = False
+    keep_examples: int = 10
+    read: int = 0
+    good: int = 0
+    skipped: Counter = field(default_factory=Counter)
+    events: Counter = field(default_factory=Counter)
+    examples: list[dict[str, str]] = field(default_factory=list)
+
+    @property
+    def num_skipped(self) -> int:
+        return sum(self.skipped.values())
+
+    def ok(self) -> None:
+        """One usable sample was read."""
+        self.read += 1
+        self.good += 1
+
+    def skip(self, source: str, reason: str, detail: str) -> None:
+        """One sample was read and is unusable. Raises :class:`DataError` in strict mode."""
+        self.read += 1
+        self.skipped[reason] += 1
+        self._example(source, reason, detail)
+        if self.strict:
+            raise DataError(source, reason, detail)
+
+    def reclassify(self, source: str, reason: str, detail: str) -> None:
+        """A sample counted as good turned out unusable later (e.g. the processor rejected it)."""
+        self.good -= 1
+        self.read -= 1
+        self.skip(source, reason, detail)
+
+    def event(self, source: str, reason: str, detail: str, fatal_in_strict: bool = True) -> None:
+        """A problem not tied to one sample (a truncated shard, a cut text)."""
+        self.events[reason] += 1
+        self._example(source, reason, detail)
+        if self.strict and fatal_in_strict:
+            raise DataError(source, reason, detail)
+
+    def _example(self, source: str, reason: str, detail: str) -> None:
+        if len(self.examples) < self.keep_examples:
+            self.examples.append({"source": source, "reason": reason, "detail": detail})
+
+    def merge(self, other: SkipCounter | dict[str, Any]) -> SkipCounter:
+        """Add another counter (or its :meth:`to_dict`) into this one; returns self."""
+        o = other if isinstance(other, SkipCounter) else SkipCounter.from_dict(other)
+        self.read += o.read
+        self.good += o.good
+        self.skipped.update(o.skipped)
+        self.events.update(o.events)
+        room = self.keep_examples - len(self.examples)
+        if room > 0:
+            self.examples.extend(o.examples[:room])
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "read": self.read,
+            "good": self.good,
+            "skipped": dict(self.skipped),
+            "events": dict(self.events),
+            "examples": list(self.examples),
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> SkipCounter:
+        return cls(
+            read=int(d.get("read", 0)),
+            good=int(d.get("good", 0)),
+            skipped=Counter(d.get("skipped", {})),
+            events=Counter(d.get("events", {})),
+            examples=list(d.get("examples", [])),
+        )
+
+    def reset(self) -> None:
+        self.read = self.good = 0
+        self.skipped.clear()
+        self.events.clear()
+        self.examples.clear()
+
+    def summary(self) -> str:
+        """A few lines for the end-of-epoch / end-of-training report."""
+        lines = [f"read {self.read}, good {self.good}, skipped {self.num_skipped}"]
+        for reason, n in sorted(self.skipped.items()):
+            lines.append(f"  skipped {reason}: {n}")
+        for reason, n in sorted(self.events.items()):
+            lines.append(f"  {reason}: {n}")
+        for ex in self.examples:
+            lines.append(f"  e.g. {ex['source']}: {ex['detail']} [{ex['reason']}]")
+        return "\n".join(lines)

@@ -1,0 +1,238 @@
+"""Instruction-conditioned contrastive loss (InfoNCE) with hard and cross-rank negatives.
+
+Sources (ALGORITHMS.md §7, ANCHORS.md §1.6): VLM2Vec's ``SimpleContrastiveLoss`` /
+``DistributedContrastiveLoss`` (targets grouped ``[pos, neg_1..neg_k]`` per query, labels
+``arange(Nq) * (1 + k)``, temperature 0.02, loss x world size), Tevatron's gather trick (the local
+slot of the gathered tensor keeps its gradient), NV-Embed stage 2 (in-batch negatives off), CLIP
+(log-parameterized learnable scale clamped at 100) and the common false-negative filter
+(mask ``s_ij > s_i+ + m``).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mmembed.dist import all_gather_with_local_grad, get_world_size
+from mmembed.registry import LOSSES
+
+__all__ = ["InfoNCELoss"]
+
+
+def _scale_grad(x: torch.Tensor, factor: float) -> torch.Tensor:
+    """``x`` in the forward pass, ``factor * grad`` in the backward pass."""
+    return x.detach() + (x - x.detach()) * factor
+
+
+def _masked_cross_entropy(
+    scores: torch.Tensor,
+    labels: torch.Tensor,
+    scale: torch.Tensor | float,
+    margin: float | None,
+    exclude: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Cross-entropy of ``scale * scores`` (N, C) against ``labels`` (N,), with masked candidates.
+
+    ``exclude`` (bool, broadcastable to (N, C)) removes candidates outright (padding slots). With a
+    ``margin``, a candidate ``j != labels[i]`` is also masked when ``scores[i, j] > scores[i, labels[i]] + margin``
+    (a likely false negative). Masked logits are set to the dtype minimum, so they get no gradient.
+    Returns (loss, number of correct top-1, number of margin-masked candidates).
+    """
+    logits = scores * scale
+    n_masked = 0
+    mask = None
+    if margin is not None:
+        with torch.no_grad():
+            pos = scores.gather(1, labels[:, None])  # (N, 1)
+            mask = scores > pos + margin
+            if exclude is not None:
+                mask &= ~exclude
+            mask[torch.arange(scores.shape[0], device=scores.device), labels] = False
+            n_masked = int(mask.sum().item())
+    if exclude is not None:
+        mask = exclude if mask is None else mask | exclude
+    if mask is not None:
+        logits = logits.masked_fill(mask, torch.finfo(logits.dtype).min)
+    loss = F.cross_entropy(logits, labels)
+    correct = (logits.detach().argmax(dim=1) == labels).sum()
+    return loss, correct, n_masked
+
+
+@LOSSES.register("infonce")
+class InfoNCELoss(nn.Module):
+    """InfoNCE of queries against grouped targets, over the global batch of all ranks.
+
+    Args:
+        temperature: softmax temperature tau (logits = cosine / tau); VLM2Vec uses 0.02. With
+            ``learnable_temperature`` it is the initial value.
+        learnable_temperature: learn ``log(1/tau)`` (parameter ``log_scale`` of shape (1,)); the scale
+            ``1/tau`` is clamped at ``max_scale`` in the forward pass (CLIP). The parameter must reach
+            the optimizer: under DeepSpeed make the loss a submodule of the engine's model and call it
+            as a module (ZeRO-3 then gathers the partitioned parameter through its module hooks; tested
+            on ZeRO 0-3 with GradCache in tests/multirank).
+        max_scale: upper bound of ``1/tau`` for a learnable temperature (ignored when fixed).
+        in_batch_negatives: contrast each query with every target of the global batch (default).
+            When False each query only sees its own group ``[pos, neg_1..neg_k]`` (NV-Embed stage 2),
+            which needs ``k >= 1`` hard negatives to be informative.
+        symmetric: add the target-side term (each query's positive against all queries) and average
+            the two; needs ``in_batch_negatives``.
+        false_negative_margin: if set, mask a negative whose cosine exceeds the positive's by more
+            than this margin (e.g. 0.1), in both terms.
+        gather: gather queries and targets from all ranks (when a process group exists). The local
+            rows keep their gradient; the returned loss is multiplied by the world size so that the
+            gradient averaged over ranks (DDP, DeepSpeed) equals the single-process gradient of the
+            global batch. With ``gather=False`` each rank computes its local loss, unscaled.
+
+    Forward: ``loss(q, t, negative_mask=None, return_stats=False)`` with ``q`` (Bq, D) and ``t``
+    (Bq * (1 + k), D), rows of ``t`` grouped per query as ``[pos_i, neg_i1, ..., neg_ik]``. The optional
+    ``negative_mask`` (Bq, k) bool (the collator's) marks real negatives; False slots are dropped from
+    every query's candidates (under gathering every rank must pass one or none). The embeddings are
+    expected L2-normalized already (the model normalizes); scores are plain dot products, computed in
+    float32. Every rank must have the same ``k``; the number of queries per rank may differ.
+
+    Returns the scalar to call ``backward`` on: ``world_size * L`` when gathering over W ranks, else
+    ``L``, where ``L`` is the mean loss over the global batch. With ``return_stats=True`` also a dict:
+    ``loss`` (``L``, detached), ``accuracy`` (share of queries whose positive is top-1), ``scale``
+    (1/tau), ``grad_scale`` (the factor applied), ``masked`` (negatives masked by the margin), and the
+    global ``num_queries`` / ``num_targets`` / ``padded_targets``.
+    """
+
+    # config-arg sets the registry contract test (tests/test_registry_contract.py) runs
+    example_args = [
+        {},
+        {"temperature": 0.05, "learnable_temperature": True, "symmetric": True, "false_negative_margin": 0.1},
+        {"in_batch_negatives": False, "temperature": 0.1},
+    ]
+
+    def __init__(
+        self,
+        temperature: float = 0.02,
+        learnable_temperature: bool = False,
+        max_scale: float = 100.0,
+        in_batch_negatives: bool = True,
+        symmetric: bool = False,
+        false_negative_margin: float | None = None,
+        gather: bool = True,
+    ) -> None:
+        super().__init__()
+        if not temperature > 0:
+            raise ValueError(f"loss temperature must be > 0, got {temperature}")
+        if not max_scale > 0:
+            raise ValueError(f"loss max_scale must be > 0, got {max_scale}")
+        if learnable_temperature and 1.0 / temperature > max_scale:
+            raise ValueError(f"loss temperature {temperature} gives scale {1 / temperature:g} > max_scale {max_scale}")
+        if symmetric and not in_batch_negatives:
+            raise ValueError("loss symmetric=True needs in_batch_negatives=True (no other queries to contrast with)")
+        if false_negative_margin is not None and false_negative_margin < 0:
+            raise ValueError(f"loss false_negative_margin must be >= 0, got {false_negative_margin}")
+        self.temperature = float(temperature)
+        self.learnable_temperature = bool(learnable_temperature)
+        self.max_scale = float(max_scale)
+        self.in_batch_negatives = bool(in_batch_negatives)
+        self.symmetric = bool(symmetric)
+        self.false_negative_margin = None if false_negative_margin is None else float(false_negative_margin)
+        self.gather = bool(gather)
+        if self.learnable_temperature:
+            # shape (1,), not 0-dim: DeepSpeed 0.19.8's initial model broadcast cannot view a 0-dim parameter
+            self.log_scale = nn.Parameter(torch.tensor([math.log(1.0 / self.temperature)]))
+        else:
+            self.register_parameter("log_scale", None)
+
+    @property
+    def scale(self) -> float:
+        """Current logit scale 1/tau (clamped for a learnable temperature)."""
+        if self.log_scale is None:
+            return 1.0 / self.temperature
+        return float(self.log_scale.detach().exp().clamp(max=self.max_scale))
+
+    def _scale_tensor(self, world: int) -> torch.Tensor | float:
+        if self.log_scale is None:
+            return 1.0 / self.temperature
+        log_scale = self.log_scale
+        if world > 1:
+            # Every rank computes the same global loss, so the temperature's gradient is already the
+            # full gradient on each rank: undo the x world size that the averaging needs for the encoder.
+            log_scale = _scale_grad(log_scale, 1.0 / world)
+        return log_scale.float().exp().clamp(max=self.max_scale).squeeze(0)  # 0-dim
+
+    def forward(
+        self,
+        q: torch.Tensor,
+        t: torch.Tensor,
+        *,
+        negative_mask: torch.Tensor | None = None,
+        return_stats: bool = False,
+    ) -> torch.Tensor | tuple[torch.Tensor, dict[str, Any]]:
+        """Loss for queries ``q`` (Bq, D) and grouped targets ``t`` (Bq * (1 + k), D); see the class doc.
+
+        ``negative_mask`` (Bq, k) bool marks the real hard negatives of this rank's queries; a False slot
+        (padding, e.g. a copy of the positive from the collator) is removed from every query's candidates.
+        """
+        if q.ndim != 2 or t.ndim != 2 or q.shape[1] != t.shape[1]:
+            raise ValueError(f"loss expects q (Bq, D) and t (Bt, D), got {tuple(q.shape)} and {tuple(t.shape)}")
+        if q.shape[0] == 0 or t.shape[0] % q.shape[0]:
+            raise ValueError(f"loss needs Bt = Bq * (1 + k) with Bq > 0, got Bq={q.shape[0]}, Bt={t.shape[0]}")
+        group = t.shape[0] // q.shape[0]
+        valid = None
+        if negative_mask is not None:
+            if negative_mask.shape != (q.shape[0], group - 1):
+                raise ValueError(f"loss negative_mask must be (Bq, k) = {(q.shape[0], group - 1)}")
+            pos_col = torch.ones(q.shape[0], 1, dtype=torch.bool, device=negative_mask.device)
+            valid = torch.cat([pos_col, negative_mask.bool()], dim=1).reshape(-1)  # (Bt,), positives always valid
+        world = get_world_size() if self.gather else 1
+        if world > 1:
+            q = all_gather_with_local_grad(q)
+            t = all_gather_with_local_grad(t)
+            if t.shape[0] != q.shape[0] * group:
+                raise ValueError("loss: every rank must send the same number of targets per query")
+            if valid is not None:  # gathered as uint8 (gloo has no bool collectives); every rank must pass one
+                valid = all_gather_with_local_grad(valid.to(torch.uint8)).bool()
+        n = q.shape[0]
+        q32, t32 = q.float(), t.float()  # (N, D), (N * group, D)
+        scale = self._scale_tensor(world)
+
+        exclude = None
+        if self.in_batch_negatives:
+            scores = q32 @ t32.T  # (N, N * group)
+            labels = torch.arange(n, device=q.device) * group
+            if valid is not None:
+                exclude = ~valid.to(q.device)[None, :]  # (1, N * group)
+        else:
+            scores = torch.einsum("nd,ngd->ng", q32, t32.view(n, group, -1))  # (N, group)
+            labels = torch.zeros(n, dtype=torch.long, device=q.device)
+            if valid is not None:
+                exclude = ~valid.to(q.device).view(n, group)  # (N, group)
+        loss, correct, masked = _masked_cross_entropy(scores, labels, scale, self.false_negative_margin, exclude)
+        if self.symmetric:
+            pos = t32.view(n, group, -1)[:, 0]  # (N, D)
+            scores_t = pos @ q32.T  # (N, N)
+            loss_t, _, masked_t = _masked_cross_entropy(
+                scores_t, torch.arange(n, device=q.device), scale, self.false_negative_margin
+            )
+            loss = 0.5 * (loss + loss_t)
+            masked += masked_t
+        scaled = loss * world if world > 1 else loss
+        if not return_stats:
+            return scaled
+        stats = {
+            "loss": loss.detach(),
+            "accuracy": correct.float() / n,
+            "scale": float(scale.detach()) if isinstance(scale, torch.Tensor) else scale,
+            "grad_scale": world,
+            "masked": masked,
+            "num_queries": n,
+            "num_targets": n * group,
+            "padded_targets": 0 if valid is None else int((~valid).sum().item()),
+        }
+        return scaled, stats
+
+    def extra_repr(self) -> str:
+        return (
+            f"temperature={self.temperature}, learnable_temperature={self.learnable_temperature}, "
+            f"in_batch_negatives={self.in_batch_negatives}, symmetric={self.symmetric}, "
+            f"false_negative_margin={self.false_negative_margin}, gather={self.gather}"
+        )

@@ -1,0 +1,281 @@
+"""The training loop, top to bottom (ARCHITECTURE.md §7; nanochat's one-readable-file idea).
+
+build model, loss, data -> ``deepspeed.initialize`` -> resume -> for each step: fetch the batch,
+forward (or GradCache), one optimizer step, log, checkpoint, evaluate -> export ``final/``.
+
+The same function runs on one CPU process (``mmembed train``), under ``deepspeed -m mmembed.train``
+on many GPUs and nodes, and under ``torchrun``. Every rank computes the same global loss over the
+gathered embeddings, multiplied by the world size because the engine averages gradients
+(ENVIRONMENT.md, "GradCache under DeepSpeed"); with GradCache each chunk's backward sets the
+gradient-accumulation boundary so the reduction runs once per step on ZeRO 0-3.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mmembed import dist
+from mmembed.build import build_from_cfg, instantiate
+from mmembed.config import ConfigError, RecipeCfg, to_dict
+from mmembed.data import SkipCounter, build_eval_sets, build_train_loader
+from mmembed.io import library_versions, save_model
+from mmembed.processing import split_batch
+from mmembed.registry import LOSSES
+from mmembed.train import checkpoint as ckpt
+from mmembed.train.deepspeed_utils import (
+    build_deepspeed_config,
+    engine_backward,
+    gathered_state_dict,
+    gradcache_engine_hooks,
+    init_distributed,
+)
+from mmembed.train.gradcache import gradcache_step
+from mmembed.train.metrics import MetricsLogger, plot_loss
+from mmembed.train.setup import ContrastiveTask, apply_lora, make_optimizer, make_scheduler, merge_lora, prepare_model
+
+__all__ = ["train", "TrainResult", "NonFiniteLoss"]
+
+
+class NonFiniteLoss(RuntimeError):
+    """The step's loss was NaN or inf; the step is skipped (raised before any backward)."""
+
+
+@dataclass
+class TrainResult:
+    output_dir: Path
+    final_dir: Path | None
+    steps: int
+    losses: list[float] = field(default_factory=list)
+    eval: dict[str, Any] | None = None
+    skipped_samples: int = 0
+
+
+def train(cfg: RecipeCfg) -> TrainResult:
+    """Train ``cfg`` (a validated recipe) and export ``<output_dir>/final``."""
+    import deepspeed
+
+    t = cfg.train
+    init_distributed()
+    rank, world = dist.get_rank(), dist.get_world_size()
+    out = Path(t.output_dir)
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        _write_run_info(cfg, out)
+
+    # 1. model, loss, optimizer, schedule, engine
+    torch.manual_seed(t.seed)
+    model = build_from_cfg(cfg.model)
+    prepare_model(model, t)
+    loss_fn = instantiate(LOSSES, cfg.loss)
+    task = ContrastiveTask(model, loss_fn)
+    optimizer = make_optimizer(task, t)
+    scheduler = make_scheduler(optimizer, t)
+    ds_config = _deepspeed_config(cfg)
+    engine, optimizer, _, scheduler = deepspeed.initialize(
+        model=task, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config
+    )
+
+    # 2. resume: engine state, step and data position
+    start_step, skips = 0, SkipCounter(strict=cfg.data.strict)
+    resume_from = ckpt.find_checkpoint(t.resume, out / "checkpoints")
+    state: dict[str, Any] = {}
+    if resume_from is not None:
+        state, skip_state = ckpt.load_checkpoint(engine, resume_from)
+        start_step = int(state["step"])
+        skips = SkipCounter.from_dict(skip_state) if skip_state else skips
+    loader = build_train_loader(
+        cfg.data,
+        model.processor,
+        global_batch_size=t.batch_size * world,
+        max_steps=t.max_steps,
+        seed=t.seed,
+        rank=rank,
+        world_size=world,
+    )
+    if state.get("data"):
+        loader.load_state_dict(state["data"])
+    loader.skips = skips
+    eval_sets = build_eval_sets(cfg.data, model.processor.placeholder) if cfg.data.eval and t.eval_every else None
+    logger = MetricsLogger(out, start_step, t.max_steps, enabled=rank == 0)
+    if resume_from is not None:
+        logger.message(f"resumed from {resume_from} at step {start_step}")
+
+    # 3. the loop
+    losses: list[float] = []
+    bad_in_a_row, steps_done, last_eval = 0, start_step, None
+    tick = time.perf_counter()
+    for batch in loader:
+        step = int(batch["step"])
+        steps_done = step + 1
+        torch.manual_seed(_step_seed(t.seed, step, rank))  # dropout: a function of (seed, step, rank) only
+        try:
+            loss, stats = _forward_backward(engine, task, batch, t.gradcache_chunk_size)
+        except NonFiniteLoss as e:
+            bad_in_a_row += 1
+            logger.message(f"step {step}: {e}; step skipped ({bad_in_a_row} in a row)")
+            if bad_in_a_row >= t.max_bad_steps:
+                raise RuntimeError(
+                    f"{bad_in_a_row} non-finite losses in a row (train.max_bad_steps={t.max_bad_steps}); "
+                    f"stopping. The last good checkpoint is intact under {out / 'checkpoints'}"
+                ) from None
+            continue
+        bad_in_a_row = 0
+        lr = optimizer.param_groups[0]["lr"]
+        engine.step()
+        done = step + 1
+        now = time.perf_counter()
+        total_skips = _global_skips(loader.skips)
+        record = {
+            "step": done,
+            "loss": float(loss),
+            "lr": lr,
+            "samples_per_s": t.batch_size * world / max(now - tick, 1e-9),
+            "skipped": total_skips,
+            **{f"train/{k}": float(v) for k, v in stats.items() if k in ("accuracy", "scale")},
+        }
+        tick = now
+        losses.append(float(loss))
+        if t.eval_every and eval_sets and (done % t.eval_every == 0 or done == t.max_steps):
+            last_eval = _evaluate(model, eval_sets)
+            record.update(_flat_eval(last_eval))
+            logger.message(_eval_line(done, last_eval))
+            tick = time.perf_counter()
+        logger.log(record)
+        if t.save_every and done % t.save_every == 0 and done < t.max_steps:
+            _save(engine, out, done, loader, cfg)
+            tick = time.perf_counter()
+
+    # 4. final checkpoint and export
+    if t.save_every and steps_done and not (out / "checkpoints" / f"step_{steps_done}").exists():
+        _save(engine, out, steps_done, loader, cfg)
+    final = _export(engine, task, cfg, out / "final")
+    logger.close()
+    if rank == 0:
+        print(loader.skips.summary())
+        if (out / "metrics.jsonl").exists():
+            plot_loss(out / "metrics.jsonl", out / "loss.png")
+    dist.barrier()
+    return TrainResult(out, final, steps_done, losses, last_eval, _global_skips(loader.skips))
+
+
+# ----------------------------------------------------------------------------------------------
+# one step
+
+
+def _forward_backward(engine: Any, task: ContrastiveTask, batch: dict[str, Any], chunk: int) -> tuple[float, dict]:
+    """Forward and backward of one step (plain or GradCache); returns the logged loss and stats."""
+    loss_fn = functools.partial(_checked_loss, task.loss, batch.get("negative_mask"))
+    if chunk:
+        result = gradcache_step(
+            engine,
+            batch["query"],
+            batch["target"],
+            loss_fn,
+            chunk,
+            split_fn=split_batch,
+            loss_params=[p for p in task.loss.parameters() if p.requires_grad],
+            **gradcache_engine_hooks(engine),
+        )
+        return float(result.loss), result.stats
+    q = engine(batch["query"])  # (Bq, D)
+    t = engine(batch["target"])  # (Bq * (1 + k), D)
+    loss, stats = loss_fn(q, t)
+    engine_backward(engine, loss, is_last=True)
+    return float(stats["loss"]), stats
+
+
+def _checked_loss(loss_module: Any, negative_mask: Any, q: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, dict]:
+    loss, stats = loss_module(q, t, negative_mask=negative_mask, return_stats=True)
+    if not torch.isfinite(loss):  # every rank sees the same global loss, so all skip together
+        raise NonFiniteLoss(f"loss is {float(loss)}")
+    return loss, stats
+
+
+def _step_seed(seed: int, step: int, rank: int) -> int:
+    return (seed * 1_000_003 + step * 7_919 + rank * 104_729) % (2**63 - 1)
+
+
+# ----------------------------------------------------------------------------------------------
+# helpers
+
+
+def _deepspeed_config(cfg: RecipeCfg) -> dict[str, Any]:
+    t = cfg.train
+    if t.deepspeed:
+        path = Path(t.deepspeed)
+        if not path.is_file():
+            raise ConfigError("train.deepspeed", f"DeepSpeed config not found: {path}", cfg.source)
+        extra = json.loads(path.read_text())
+    else:
+        extra = {}
+    base = build_deepspeed_config(
+        micro_batch_size=t.batch_size,
+        zero_stage=t.zero_stage,
+        precision=t.precision,
+        gradient_clipping=t.grad_clip,
+    )
+    # the recipe's own keys win over a shared JSON's batch/precision/stage settings
+    for key in ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "gradient_clipping", "bf16"):
+        extra.pop(key, None)
+    zero = {**extra.pop("zero_optimization", {}), **base["zero_optimization"]}
+    return {**base, **extra, "zero_optimization": zero}
+
+
+def _global_skips(skips: SkipCounter) -> int:
+    n = torch.tensor([float(skips.num_skipped)])
+    return int(dist.all_reduce_sum(n).item())
+
+
+def _save(engine: Any, out: Path, step: int, loader: Any, cfg: RecipeCfg) -> None:
+    state = {"step": step, "data": loader.state_dict(), "seed": cfg.train.seed, "world_size": dist.get_world_size()}
+    ckpt.save_checkpoint(engine, out / "checkpoints", step, state, loader.skips.to_dict())
+
+
+def _evaluate(model: Any, sets: dict[str, Any]) -> dict[str, Any]:
+    from mmembed.eval import evaluate
+
+    was = model.training
+    try:
+        return evaluate(model, sets, batch_size=64)
+    finally:
+        model.train(was)
+
+
+def _flat_eval(scores: dict[str, Any]) -> dict[str, float]:
+    flat = {f"eval/{k}/hit@1": v["hit@1"] for k, v in scores["datasets"].items()}
+    flat["eval/mean_hit@1"] = scores["mean_hit@1"]
+    return flat
+
+
+def _eval_line(step: int, scores: dict[str, Any]) -> str:
+    parts = ", ".join(f"{k} {v['hit@1']:.3f}" for k, v in scores["datasets"].items())
+    return f"step {step}: held-out hit@1 mean {scores['mean_hit@1']:.3f} ({parts})"
+
+
+def _export(engine: Any, task: ContrastiveTask, cfg: RecipeCfg, final: Path) -> Path | None:
+    """Gather the full weights (ZeRO-3 too), merge LoRA, write the model directory on rank 0."""
+    state = gathered_state_dict(task.model)  # collective
+    path = None
+    if dist.get_rank() == 0:
+        fresh = build_from_cfg(cfg.model)
+        if cfg.train.lora:
+            apply_lora(fresh, cfg.train.lora)
+        fresh.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state.items()}, strict=True)
+        merge_lora(fresh)
+        path = save_model(fresh.eval(), final)
+    dist.barrier()
+    return path
+
+
+def _write_run_info(cfg: RecipeCfg, out: Path) -> None:
+    from omegaconf import OmegaConf
+
+    (out / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(to_dict(cfg))))
+    (out / "versions.json").write_text(json.dumps(library_versions(), indent=2) + "\n")
