@@ -79,8 +79,14 @@ class Processor:
         chars = len(side.text or "") + len(side.instruction or "")
         return chars // 3 + len(side.images) * self.image_tokens + len(self.prefix_ids) + len(self.suffix_ids)
 
-    def _layout(self, side: Side, row: Any) -> tuple[str | None, list[str]]:
-        """Instruction string and the text chunks between image placeholders."""
+    def _layout(self, side: Side, row: Any) -> tuple[int, int, list[str]]:
+        """(leading images, instruction length in characters, text chunks between the other images).
+
+        The layout is VLM2Vec's ``<image> instruction text`` (ANCHORS.md §1.3): images at the start of
+        the text (or all images, when the text has no placeholder) come first, then the instruction and
+        the text as one string, so an instruction given in its own field and the same words inline in
+        the text (MMEB-train's ``qry``) tokenize to the same ids.
+        """
         if side.text is None and not side.images and not side.instruction:
             raise InputError(f"row {row}: empty input (no text, no image, no instruction)")
         text = side.text or ""
@@ -89,51 +95,54 @@ class Processor:
             raise InputError(f"row {row}: {n_img} images, more than max_images_per_input={self.max_images}")
         count = text.count(self.placeholder)
         if count == 0 and n_img:
-            text = self.placeholder * n_img + text
-            count = n_img
+            text, count = self.placeholder * n_img + text, n_img
         if count != n_img:
             raise InputError(
                 f"row {row}: the text has {count} image placeholder(s) '{self.placeholder}' but {n_img} image(s) given"
             )
         if n_img and self.transform is None:
             raise InputError(f"row {row}: images given but the model has no vision encoder")
-        instruction = side.instruction.strip() + " " if side.instruction and side.instruction.strip() else None
-        return instruction, text.split(self.placeholder)
+        lead, rest = 0, text.lstrip()
+        while rest.startswith(self.placeholder):
+            lead, rest = lead + 1, rest[len(self.placeholder) :].lstrip()
+        if lead == 0:
+            rest = text
+        instruction = (side.instruction or "").strip()
+        chunks = rest.split(self.placeholder)
+        if instruction:
+            chunks[0] = instruction + (" " + chunks[0] if chunks[0] else "")
+        return lead, len(instruction), chunks
 
-    def tokenize(self, sides: Sequence[Side], rows: Sequence[Any] | None = None) -> list[tuple[list[int], int]]:
-        """Token ids per row (placeholders expanded) and the instruction length (prefix included)."""
+    def tokenize(self, sides: Sequence[Side], rows: Sequence[Any] | None = None) -> list[tuple[list[int], slice]]:
+        """Token ids per row (placeholders expanded) and the span of the instruction tokens."""
         rows = list(rows) if rows is not None else list(range(len(sides)))
         layouts = [self._layout(s, r) for s, r in zip(sides, rows)]
-        strings: list[str] = []
-        for instruction, chunks in layouts:
-            strings.extend(([instruction] if instruction else []) + chunks)
-        encoded = self.tokenizer(strings, add_special_tokens=False)["input_ids"] if strings else []
+        strings = [c for _, _, chunks in layouts for c in chunks]
+        enc = self.tokenizer(strings, add_special_tokens=False, return_offsets_mapping=True) if strings else {}
+        encoded, offsets = enc.get("input_ids", []), enc.get("offset_mapping", [])
         out, pos = [], 0
         budget = self.max_length - len(self.prefix_ids) - len(self.suffix_ids)
-        for (instruction, chunks), row in zip(layouts, rows):
-            n_seg = len(chunks) + (1 if instruction else 0)
-            segs = [list(x) for x in encoded[pos : pos + n_seg]]
-            pos += n_seg
+        image_run = [self.placeholder_id] * self.image_tokens
+        for (lead, instr_chars, chunks), row in zip(layouts, rows):
+            segs = [list(x) for x in encoded[pos : pos + len(chunks)]]
+            n_instr = sum(1 for start, _ in offsets[pos] if start < instr_chars) if instr_chars else 0
+            pos += len(chunks)
             excess = sum(len(s) for s in segs) - budget
             if excess > 0:  # cut text from the end; image placeholders are never cut
                 if not self._warned_truncation:
                     log.warning("row %s: text longer than max_length=%d tokens; truncating", row, self.max_length)
                     self._warned_truncation = True
-                for s in reversed(segs):
-                    cut = min(excess, len(s))
-                    del s[len(s) - cut :]
+                for seg in reversed(segs):
+                    cut = min(excess, len(seg))
+                    del seg[len(seg) - cut :]
                     excess -= cut
                     if excess <= 0:
                         break
-            instr = segs.pop(0) if instruction else []
-            ids = self.prefix_ids + instr
-            n_instr = len(ids)
-            image_run = [self.placeholder_id] * self.image_tokens
+            ids = self.prefix_ids + image_run * lead
+            start = len(ids)
             for i, chunk in enumerate(segs):
-                if i:
-                    ids = ids + image_run
-                ids = ids + chunk
-            out.append((ids + self.suffix_ids, n_instr))
+                ids = ids + (image_run if i else []) + chunk
+            out.append((ids + self.suffix_ids, slice(start, start + min(n_instr, len(segs[0])))))
         return out
 
     def load_images(self, sides: Sequence[Side], rows: Sequence[Any]) -> torch.Tensor | None:
@@ -170,11 +179,13 @@ class Processor:
         input_ids = torch.full((batch, length), self.pad_id, dtype=torch.long)
         attention = torch.zeros(batch, length, dtype=torch.long)
         pool = torch.zeros(batch, length, dtype=torch.long)
-        for i, (ids, n_instr) in enumerate(tokens):
+        n_prefix = len(self.prefix_ids)
+        for i, (ids, instr) in enumerate(tokens):
             start = length - len(ids) if self.padding_side == "left" else 0
             input_ids[i, start : start + len(ids)] = torch.tensor(ids, dtype=torch.long)
             attention[i, start : start + len(ids)] = 1
-            pool[i, start + n_instr : start + len(ids)] = 1
+            pool[i, start + n_prefix : start + len(ids)] = 1  # BOS and the instruction are not pooled
+            pool[i, start + instr.start : start + instr.stop] = 0
         out = {
             "input_ids": input_ids,
             "attention_mask": attention,

@@ -128,7 +128,7 @@ def test_processor_masks_and_expansion(tiny_model):
     ids, am, pm = batch["input_ids"], batch["attention_mask"], batch["pool_mask"]
     assert ids.shape[1] == am[0].sum()  # the longest row sets the length (pad to longest, not a fixed length)
     assert (ids[0] == p.placeholder_id).sum() == p.image_tokens == 16
-    n_instr = len(p.tokenizer("Represent the given image. ", add_special_tokens=False)["input_ids"])
+    n_instr = len(p.tokenizer("Represent the given image.", add_special_tokens=False)["input_ids"])
     assert int(am[0].sum() - pm[0].sum()) == n_instr
     assert batch["pixel_values"].shape == (1, 3, 64, 64)
     assert ids[1, 0] == p.pad_id and am[1, 0] == 0  # left padding
@@ -151,3 +151,23 @@ def test_split_batch_chunks_give_the_same_embeddings(tiny_model):
     assert [c["input_ids"].shape[0] for c in chunks] == [3, 3, 1]
     assert sum(c.get("pixel_values", torch.empty(0, 3, 64, 64)).shape[0] for c in chunks) == 6
     assert chunks[-1]["input_ids"].shape[1] == int(batch["attention_mask"][-1].sum())  # trimmed to its own length
+
+
+def test_inline_and_separate_instructions_tokenize_alike(tiny_model):
+    """MMEB-train puts the instruction inline (``<|image_1|> Represent ...``), MMEB-eval in its own field."""
+    from mmembed.data.sample import Side
+
+    p = tiny_model.processor
+    img = make_image(0)
+    inline = Side(text="<image> Represent the given image with the following question: what color?", images=[img])
+    separate = Side(
+        instruction="Represent the given image with the following question:", text="<image>what color?", images=[img]
+    )
+    no_placeholder = Side(
+        instruction="Represent the given image with the following question:", text="what color?", images=[img]
+    )
+    a, b, c = p([inline]), p([separate]), p([no_placeholder])
+    assert torch.equal(a["input_ids"], b["input_ids"]) and torch.equal(a["input_ids"], c["input_ids"])
+    assert a["pool_mask"].sum() > b["pool_mask"].sum()  # only the separate field marks instruction tokens
+    ids = b["input_ids"][0]
+    assert (ids[: p.image_tokens] == p.placeholder_id).all()  # VLM2Vec layout: image, instruction, text
