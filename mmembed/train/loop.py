@@ -29,6 +29,7 @@ from mmembed.io import library_versions, save_model
 from mmembed.processing import split_batch
 from mmembed.registry import LOSSES
 from mmembed.train import checkpoint as ckpt
+from mmembed.train import memory
 from mmembed.train.deepspeed_utils import (
     build_deepspeed_config,
     engine_backward,
@@ -115,6 +116,8 @@ def train(cfg: RecipeCfg) -> TrainResult:
         step = int(batch["step"])
         steps_done = step + 1
         torch.manual_seed(_step_seed(t.seed, step, rank))  # dropout: a function of (seed, step, rank) only
+        memory.reset_peak()
+        mem_start = memory.current_mb()
         try:
             loss, stats = _forward_backward(engine, task, batch, t.gradcache_chunk_size)
         except NonFiniteLoss as e:
@@ -138,6 +141,8 @@ def train(cfg: RecipeCfg) -> TrainResult:
             "lr": lr,
             "samples_per_s": t.batch_size * world / max(now - tick, 1e-9),
             "skipped": total_skips,
+            "mem_start_mb": round(mem_start, 1),
+            "mem_peak_mb": round(memory.peak_mb(), 1),
             **{f"train/{k}": float(v) for k, v in stats.items() if k in ("accuracy", "scale")},
         }
         tick = now
