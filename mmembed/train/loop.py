@@ -63,6 +63,7 @@ def train(cfg: RecipeCfg) -> TrainResult:
     import deepspeed
 
     t = cfg.train
+    ds_config = _deepspeed_config(cfg)  # settings errors surface before anything is built
     init_distributed()
     rank, world = dist.get_rank(), dist.get_world_size()
     out = Path(t.output_dir)
@@ -78,7 +79,6 @@ def train(cfg: RecipeCfg) -> TrainResult:
     task = ContrastiveTask(model, loss_fn)
     optimizer = make_optimizer(task, t)
     scheduler = make_scheduler(optimizer, t)
-    ds_config = _deepspeed_config(cfg)
     engine, optimizer, _, scheduler = deepspeed.initialize(
         model=task, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config
     )
@@ -217,7 +217,15 @@ def _deepspeed_config(cfg: RecipeCfg) -> dict[str, Any]:
         path = Path(t.deepspeed)
         if not path.is_file():
             raise ConfigError("train.deepspeed", f"DeepSpeed config not found: {path}", cfg.source)
-        extra = json.loads(path.read_text())
+        try:
+            extra = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise ConfigError("train.deepspeed", f"{path}: invalid JSON ({e})", cfg.source) from None
+        stage = extra.get("zero_optimization", {}).get("stage", t.zero_stage)
+        if stage != t.zero_stage:
+            raise ConfigError(
+                "train.zero_stage", f"is {t.zero_stage} but {path} sets zero_optimization.stage={stage}", cfg.source
+            )
     else:
         extra = {}
     base = build_deepspeed_config(

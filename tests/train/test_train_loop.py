@@ -102,6 +102,7 @@ def test_half_written_checkpoint_is_never_picked(tmp_path):
         (["train.freeze=[vision, connector, backbone, pooler]"], "train.freeze"),
         (["train.lora={r: 4, target_modules: [no_such_proj]}"], "train.lora.target_modules"),
         (["train.lora={r: 4, rank: 3}"], "train.lora.rank"),
+        (["train.zero_stage=2", "train.deepspeed=recipes/deepspeed/zero3.json"], "train.zero_stage"),
     ],
 )
 def test_impossible_settings_fail_at_start_naming_the_key(override, key, demo_data, tmp_path):
@@ -154,3 +155,13 @@ def test_non_finite_loss_skips_the_step_and_stops_after_too_many(bad, max_bad, e
     else:
         assert "non-finite losses in a row" in proc.stderr
         assert (out / "checkpoints" / "step_1" / "COMPLETE").exists() and not (out / "final").exists()
+
+
+def test_gradient_checkpointing_gives_the_same_step(demo_data, tmp_path):
+    common = {"train.max_steps": 1, "train.optimizer": "sgd", "train.lr": 0.5, "train.grad_clip": 0.0}
+    plain = run_train(train_overrides(demo_data, tmp_path / "plain", **common))
+    ckpt = run_train(train_overrides(demo_data, tmp_path / "ckpt", **common, **{"train.gradient_checkpointing": True}))
+    assert plain.returncode == 0 and ckpt.returncode == 0, ckpt.stderr[-3000:]
+    a, b = _weights(tmp_path / "plain"), _weights(tmp_path / "ckpt")
+    assert max(float((a[k] - b[k]).abs().max()) for k in a) <= 1e-5
+    assert _losses(tmp_path / "plain") == pytest.approx(_losses(tmp_path / "ckpt"), abs=1e-6)
