@@ -12,6 +12,7 @@ def main(argv: list[str] | None = None) -> int:
     import argparse
 
     from mmembed.config import ConfigError, load_recipe
+    from mmembed.data.skips import DataError
 
     parser = argparse.ArgumentParser(prog="mmembed train", description="Train a recipe.")
     parser.add_argument("recipe")
@@ -29,6 +30,9 @@ def main(argv: list[str] | None = None) -> int:
         result = train(cfg)
     except ConfigError as e:
         print(f"mmembed: config error: {e}", file=sys.stderr)
+        return 2
+    except DataError as e:  # data.strict: the first bad sample, with its file and row
+        print(f"mmembed: data error: {e}", file=sys.stderr)
         return 2
     if result.final_dir is not None:
         print(f"trained {result.steps} steps; model saved to {result.final_dir}")

@@ -55,3 +55,33 @@ def test_mmeb_parquet_folder_trains_and_evaluates_without_conversion(demo_data, 
     tasks = {k for k in last if k.startswith("eval/") and k.endswith("/hit@1")}
     assert {"eval/color_cls/hit@1", "eval/grounding/hit@1", "eval/caption_t2i/hit@1"} <= tasks
     assert 0.0 <= last["eval/mean_hit@1"] <= 1.0
+
+
+def test_bad_samples_in_training_are_skipped_counted_and_logged(demo_data, tmp_path):
+    imgs = sorted((demo_data / "train" / "images").glob("*.png"))[:6]
+    (tmp_path / "broken.png").write_bytes(b"this is not a png")
+    (tmp_path / "empty.png").write_bytes(b"")
+    rows = [{"query": f"a caption {i}", "positive": {"image": str(p)}} for i, p in enumerate(imgs)]
+    rows += [
+        {"query": "missing", "positive": {"image": str(tmp_path / "nope.png")}},
+        {"query": "broken", "positive": {"image": str(tmp_path / "broken.png")}},
+        {"query": "empty", "positive": {"image": str(tmp_path / "empty.png")}},
+    ]
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("\n".join(json.dumps(r) for r in rows) + "\n{not json}\n")
+    out = tmp_path / "run"
+    proc = run_train(
+        train_overrides(demo_data, out, **{"data.train": str(data), "data.eval": "", "data.num_negatives": 0})
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    metrics = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines()]
+    assert len(metrics) == 4 and metrics[-1]["skipped"] >= 3
+    assert [m["skipped"] for m in metrics] == sorted(m["skipped"] for m in metrics)  # cumulative
+    assert "skipped" in proc.stdout  # the end-of-run summary
+    strict = run_train(
+        train_overrides(
+            demo_data, tmp_path / "strict", **{"data.train": str(data), "data.eval": "", "data.strict": True}
+        )
+    )
+    assert strict.returncode == 2 and "data error" in strict.stderr and "pairs.jsonl" in strict.stderr
+    assert "Traceback" not in strict.stderr
