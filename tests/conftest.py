@@ -47,3 +47,21 @@ def make_image(seed: int, size: tuple[int, int] = (48, 40), mode: str = "RGB"):
 @pytest.fixture
 def images():
     return [make_image(i, size=(40 + 8 * i, 64 - 4 * i)) for i in range(6)]
+
+
+@pytest.fixture(scope="session")
+def demo_data(tmp_path_factory) -> Path:
+    """A small rendered-scenes set in MMEB format (train manifest + eval parquet files)."""
+    from mmembed.data.synthetic import generate
+
+    out = tmp_path_factory.mktemp("demo")
+    generate(out, n_train=60, n_eval=12, seed=0, image_size=32)
+    return out
+
+
+@pytest.fixture(scope="session")
+def torch_extensions_dir(tmp_path_factory) -> str:
+    """One DeepSpeed op cache per test run (shared by all launches; never shared across torch versions)."""
+    path = os.environ.get("TORCH_EXTENSIONS_DIR") or str(tmp_path_factory.mktemp("torch_ext"))
+    os.environ["TORCH_EXTENSIONS_DIR"] = path
+    return path

@@ -25,30 +25,6 @@ TOL = 1e-5
 
 
 @pytest.fixture(scope="module")
-def demo_data(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("demo")
-    subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "mmembed.data.synthetic",
-            "--out",
-            str(out),
-            "--n-train",
-            "40",
-            "--n-eval",
-            "12",
-            "--image-size",
-            "32",
-        ],
-        check=True,
-        capture_output=True,
-        cwd=REPO,
-    )
-    return out
-
-
-@pytest.fixture(scope="module")
 def extensions_dir(tmp_path_factory) -> Path:
     return Path(os.environ.get("TORCH_EXTENSIONS_DIR") or tmp_path_factory.mktemp("torch_extensions"))
 

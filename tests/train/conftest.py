@@ -7,42 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
 ROOT = Path(__file__).resolve().parents[2]
-
-
-@pytest.fixture(scope="session")
-def demo_data(tmp_path_factory) -> Path:
-    """A small rendered-scenes set in MMEB format (train manifest + eval parquet files)."""
-    out = tmp_path_factory.mktemp("demo")
-    subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "mmembed.data.synthetic",
-            "--out",
-            str(out),
-            "--n-train",
-            "60",
-            "--n-eval",
-            "12",
-            "--image-size",
-            "32",
-        ],
-        check=True,
-        capture_output=True,
-        cwd=ROOT,
-    )
-    return out
-
-
-@pytest.fixture(scope="session")
-def torch_extensions_dir(tmp_path_factory) -> str:
-    """One DeepSpeed op cache per test run (shared by all launches; never shared across torch versions)."""
-    path = os.environ.get("TORCH_EXTENSIONS_DIR") or str(tmp_path_factory.mktemp("torch_ext"))
-    os.environ["TORCH_EXTENSIONS_DIR"] = path
-    return path
 
 
 def train_overrides(data: Path, out: Path, **extra) -> list[str]:
