@@ -1,4 +1,4 @@
-"""The ``mmembed`` command: ``encode``, ``train``, ``validate``, ``components``.
+"""The ``mmembed`` command: ``encode``, ``train``, ``validate``, ``components``, ``eval``.
 
 A bad recipe or bad input is reported in one line naming the key, file or row, with exit code 2 and
 no traceback.
@@ -95,6 +95,37 @@ def _train(args: argparse.Namespace) -> int:
     return train_main([args.recipe, *args.overrides])
 
 
+def _eval(args: argparse.Namespace) -> int:
+    from mmembed.eval import run_eval
+
+    datasets = [d.strip() for d in args.datasets.split(",") if d.strip()] if args.datasets else None
+    corpus = "all" if args.corpus == "all" else [d.strip() for d in (args.corpus or "").split(",") if d.strip()]
+    if not str(args.model).startswith("openclip:") and not Path(args.model).is_dir():
+        raise UsageError(f"{args.model}: not a model directory (or use openclip:ARCH[:PRETRAINED])")
+    try:
+        scores = run_eval(
+            args.model,
+            args.data,
+            args.out,
+            batch_size=args.batch_size,
+            datasets=datasets,
+            num_workers=args.num_workers,
+            cache_dir=None if args.no_cache else (args.cache_dir or "auto"),
+            corpus=corpus,
+            n_examples=args.examples,
+            image_root=args.image_root,
+            device=args.device,
+        )
+    except (ValueError, KeyError) as e:
+        raise UsageError(str(e)) from None
+    from mmembed import dist
+
+    if dist.is_main_process():
+        n = len(scores["datasets"])
+        print(f"overall hit@1 {scores['overall']:.4f} over {n} datasets; wrote {args.out}/scores.json")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mmembed", description="Train and serve multimodal embedding models.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -116,6 +147,22 @@ def build_parser() -> argparse.ArgumentParser:
     v.set_defaults(func=_validate)
     c = sub.add_parser("components", help="list registered component names")
     c.set_defaults(func=_components)
+    ev = sub.add_parser("eval", help="MMEB-protocol scores (scores.json, scores.md, examples.html)")
+    ev.add_argument("model", help="model directory, or openclip:ARCH[:PRETRAINED] for an open_clip baseline")
+    ev.add_argument("--data", required=True, help="directory of MMEB eval files, one file, or a manifest YAML")
+    ev.add_argument("--out", required=True, help="output directory")
+    ev.add_argument("--batch-size", type=int, default=32)
+    ev.add_argument("--datasets", default=None, help="comma-separated dataset names (file stems) to evaluate")
+    ev.add_argument("--num-workers", type=int, default=0, help="DataLoader workers decoding images")
+    ev.add_argument("--cache-dir", default=None, help="embedding cache root (default OUT/cache)")
+    ev.add_argument("--no-cache", action="store_true", help="do not read or write the embedding cache")
+    ev.add_argument(
+        "--corpus", default=None, help="datasets (comma-separated, or 'all') also ranked against their corpus"
+    )
+    ev.add_argument("--examples", type=int, default=3, help="queries per dataset shown in examples.html")
+    ev.add_argument("--image-root", default=None)
+    ev.add_argument("--device", default=None)
+    ev.set_defaults(func=_eval)
     return p
 
 

@@ -121,6 +121,7 @@ class TrainCfg:
     seed: int = 0
     save_every: int = 0
     eval_every: int = 0
+    eval_metric: str = "overall"  # keeps <output_dir>/best: overall, a meta-task (RET), a mean (mrr) or DATASET/METRIC
     log_every: int = 1
     resume: str = "none"
     gradcache_chunk_size: int = 0

@@ -24,6 +24,9 @@ __all__ = [
     "is_main_process",
     "barrier",
     "broadcast_object",
+    "all_gather_object",
+    "init_from_env",
+    "shutdown",
     "all_reduce_mean",
     "all_reduce_sum",
     "all_gather_with_local_grad",
@@ -36,6 +39,29 @@ T = TypeVar("T")
 def is_distributed() -> bool:
     """True when a ``torch.distributed`` process group is initialized (even of world size 1)."""
     return dist.is_available() and dist.is_initialized()
+
+
+def init_from_env() -> bool:
+    """Join the process group a launcher (``torchrun``, ``deepspeed``) describes in ``WORLD_SIZE`` etc.
+
+    Returns True when this call initialized a group (then call :func:`shutdown` at the end), False
+    when a group already exists or the process runs alone (no ``WORLD_SIZE`` > 1 in the environment).
+    Backend: nccl when CUDA is available (the device is set from ``LOCAL_RANK``), else gloo.
+    """
+    import os
+
+    if is_distributed() or int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return False
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
+    return True
+
+
+def shutdown() -> None:
+    """Destroy the default process group if there is one."""
+    if is_distributed():
+        dist.destroy_process_group()
 
 
 def get_rank() -> int:
@@ -66,6 +92,15 @@ def broadcast_object(obj: T, src: int = 0) -> T:
     box = [obj]
     dist.broadcast_object_list(box, src=src)
     return box[0]
+
+
+def all_gather_object(obj: T) -> list[T]:
+    """Every rank's ``obj`` in rank order, on every rank (pickled in transit; ``[obj]`` without a group)."""
+    if not is_distributed() or get_world_size() == 1:
+        return [obj]
+    out: list[Any] = [None] * get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
 
 
 def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:

@@ -155,13 +155,17 @@ def read_eval_set(
     counter: SkipCounter | None = None,
     max_text_chars: int = 20_000,
     check_images: bool = True,
+    keep_missing_images: bool = False,
 ) -> dict[str, list[EvalExample]]:
     """Read MMEB-eval sets (manifest, directory or file) -> ``{dataset name: [EvalExample, ...]}``.
 
     Images stay as paths (the eval code encodes them through the processor). With
     ``check_images`` a row whose query or candidate image file is missing or empty is skipped and
     counted, because a query ranked against a partial candidate list would inflate its score.
-    Manifest instructions fill in ``qry_inst``/``tgt_inst`` when the rows have none.
+    With ``keep_missing_images`` (what ``mmembed eval`` uses) such a row is kept instead, with
+    ``meta["missing_images"]`` naming its sides (``"query"``, ``"candidate 3"``) and an
+    ``image_missing`` event counted; the evaluator scores it as a miss, never dropping it from the
+    denominator. Manifest instructions fill in ``qry_inst``/``tgt_inst`` when the rows have none.
     """
     counter = counter if counter is not None else SkipCounter()
     out: dict[str, list[EvalExample]] = {}
@@ -177,12 +181,17 @@ def read_eval_set(
             for j in range(n):
                 try:
                     ex = parse_eval_row(src.row(j), fmt, opts)
-                    if check_images:
+                    if check_images and not keep_missing_images:
                         _check_paths([ex.query, *ex.candidates])
                 except BadSample as e:
                     counter.skip(src.where(j), e.reason, e.detail)
                     continue
                 counter.ok()
+                if check_images and keep_missing_images:
+                    missing = _missing_sides(ex)
+                    if missing:
+                        ex.meta["missing_images"] = [label for label, _ in missing]
+                        counter.event(src.where(j), "image_missing", missing[0][1], fatal_in_strict=False)
                 if spec.instructions:
                     q, cands = spec.instructions.apply(
                         ex.query, ex.candidates, seed=0, dataset=spec.name, index=j, placeholder=placeholder
@@ -190,6 +199,17 @@ def read_eval_set(
                     ex = replace(ex, query=q, candidates=cands)
                 examples.append(replace(ex, dataset=spec.name, source=src.where(j)))
         out[spec.name] = examples
+    return out
+
+
+def _missing_sides(ex: EvalExample) -> list[tuple[str, str]]:
+    """``(label, detail)`` of each side of ``ex`` with a missing or empty image file."""
+    out = []
+    for label, side in [("query", ex.query)] + [(f"candidate {j}", c) for j, c in enumerate(ex.candidates)]:
+        try:
+            _check_paths([side])
+        except BadSample as e:
+            out.append((label, e.detail))
     return out
 
 

@@ -1,30 +1,37 @@
 """MMEB protocol: each query is ranked against its own candidate list, the positive at index 0;
-the score is hit@1 (precision@1) per dataset and the unweighted mean over datasets (ANCHORS.md §1.5).
+the score is hit@1 (Precision@1) per dataset, the unweighted mean over the datasets of each
+meta-task (CLS, VQA, RET, VG), over IND and OOD datasets, and over all datasets ("overall").
+Sources: VLM2Vec paper (arXiv 2410.05160) §4 and ``eval.py`` of TIGER-AI-Lab/VLM2Vec; ANCHORS.md §1.5.
 
-Candidates shared between queries are encoded once (de-duplicated by content, as VLM2Vec's
-``cand_name``). Ties are counted fairly: a query whose positive ties with ``t`` other top candidates
-scores ``1 / (1 + t)``, so a constant model scores exactly the chance level (VLM2Vec's ``argmax == 0``
-would give it 1.0).
+Also reported per dataset: hit@k, recall@k, MRR and NDCG@k (linear gain, MMEB-V2's ``ndcg_linear``)
+over the same per-query list, and, for datasets named in ``corpus``, the same metrics with each query
+ranked against the dataset's whole candidate corpus (MMEB-V2 ``eval_type: global``).
+
+Rules that make the number independent of how it is run (VLM2Vec issue #130):
+- ties are scored as the expected value over random tie order (:mod:`mmembed.eval.metrics`), so a
+  constant model scores exactly the chance level;
+- every distinct input is encoded once, independently of batch composition; scores within
+  ``TIE_TOL`` count as tied;
+- a row with a missing image file is a miss (0 on every metric) and stays in the denominator
+  (``missing_images`` counts them); its missing image is never encoded.
 """
 
 from __future__ import annotations
 
-import os
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from typing import Any
 
 import numpy as np
 
 from mmembed.data.formats import EvalExample
-from mmembed.data.sample import Side
+from mmembed.data.skips import BadSample
+from mmembed.eval.embed import EmbeddingCache, Plan, encode_plan, plan_dataset, side_key
+from mmembed.eval.metrics import TIE_TOL, ranking_metrics
+from mmembed.eval.tasks import META_TASKS, task_info
+from mmembed.images import ImageError
+from mmembed.processing import InputError
 
-__all__ = ["evaluate", "hit_at_1", "side_key"]
-
-
-def side_key(side: Side) -> tuple:
-    """Content identity of an input: instruction, text and image references."""
-    imgs = tuple(str(i) if isinstance(i, (str, os.PathLike)) else f"<{type(i).__name__}:{id(i)}>" for i in side.images)
-    return (side.instruction or "", side.text or "", imgs)
+__all__ = ["evaluate", "hit_at_1", "side_key", "score_plan", "aggregate", "select_metric"]
 
 
 def hit_at_1(scores: np.ndarray, positive: int = 0) -> float:
@@ -35,46 +42,209 @@ def hit_at_1(scores: np.ndarray, positive: int = 0) -> float:
     return 1.0 / float((scores == pos).sum())
 
 
-def _index(side: Side, keys: dict[tuple, int], sides: list[Side]) -> int:
-    """Position of ``side`` among the unique inputs, appending it the first time it is seen."""
-    k = side_key(side)
-    if k not in keys:
-        keys[k] = len(sides)
-        sides.append(side)
-    return keys[k]
+def _side_view(side: Any) -> dict[str, Any]:
+    return {"instruction": side.instruction, "text": side.text, "images": [str(i) for i in side.images]}
+
+
+def score_plan(
+    plan: Plan,
+    emb: np.ndarray,
+    *,
+    ks: Sequence[int] = (1, 5, 10),
+    corpus: bool = False,
+    n_examples: int = 0,
+    tol: float = TIE_TOL,
+) -> dict[str, Any]:
+    """Metrics of one dataset from the embeddings of its unique inputs.
+
+    Args:
+        plan: from :func:`plan_dataset`.
+        emb: (U, D) embeddings of ``plan.sides`` (dot product = similarity, as ``np.dot`` in VLM2Vec).
+        ks: cut-offs for hit@k, recall@k and ndcg@k.
+        corpus: also rank every query against all distinct candidates of the dataset.
+        n_examples: keep the top-5 ranking of the first ``n_examples`` rows (for ``examples.html``).
+
+    Returns:
+        ``{"hit@1", "n", "missing_images", "chance", "num_candidates", "hit@k", "recall@k", "mrr",
+        "ndcg@k", "corpus"?: {...}, "examples"?: [...]}``.
+    """
+    keys = list(ks) if 1 in ks else [1, *ks]
+    per: dict[str, list[float]] = {}
+    chance, sizes, shown = [], [], []
+    for row, (qi, ci) in enumerate(zip(plan.query_idx, plan.cand_idx)):
+        ex = plan.examples[row]
+        sizes.append(len(ci))
+        chance.append(1.0 / len(ci))
+        if plan.missing_rows[row]:
+            m = dict.fromkeys(ranking_metrics(np.zeros(1), 0, keys), 0.0)
+            scores = None
+        else:
+            scores = emb[ci].astype(np.float64) @ emb[qi].astype(np.float64)
+            m = ranking_metrics(scores, ex.positive, keys, tol)
+        for k, v in m.items():
+            per.setdefault(k, []).append(v)
+        if row < n_examples:
+            shown.append(_example_view(plan, row, scores, m))
+    out: dict[str, Any] = {
+        "hit@1": float(np.mean(per["hit@1"])),
+        "n": len(plan.examples),
+        "missing_images": int(plan.missing_rows.sum()),
+        "chance": float(np.mean(chance)),
+        "num_candidates": float(np.mean(sizes)),
+    }
+    out.update({k: float(np.mean(v)) for k, v in per.items() if k != "hit@1"})
+    if corpus:
+        out["corpus"] = _score_corpus(plan, emb, keys, tol)
+    if n_examples:
+        out["examples"] = shown
+    return out
+
+
+def _example_view(plan: Plan, row: int, scores: np.ndarray | None, m: dict[str, float]) -> dict[str, Any]:
+    ex = plan.examples[row]
+    # a row with a missing image was not scored: show its first candidates in file order
+    order = np.argsort(-scores, kind="stable")[:5] if scores is not None else range(min(5, len(ex.candidates)))
+    top = [
+        {
+            "index": int(j),
+            "score": None if scores is None else float(scores[j]),
+            "positive": int(j) == ex.positive,
+            **_side_view(ex.candidates[j]),
+        }
+        for j in order
+    ]
+    return {
+        "row": row,
+        "source": ex.source,
+        "query": _side_view(ex.query),
+        "top": top,
+        "hit@1": m["hit@1"],
+        "positive_rank": None if scores is None else int((scores > scores[ex.positive]).sum()) + 1,
+        "missing_images": list(ex.meta.get("missing_images") or []),
+        "num_candidates": len(ex.candidates),
+    }
+
+
+def _score_corpus(plan: Plan, emb: np.ndarray, ks: Sequence[int], tol: float) -> dict[str, float]:
+    corpus = np.unique(np.concatenate(plan.cand_idx))
+    pos_in = {int(c): i for i, c in enumerate(corpus)}
+    c_emb = emb[corpus].astype(np.float64)
+    per: dict[str, list[float]] = {}
+    for row, qi in enumerate(plan.query_idx):
+        ex = plan.examples[row]
+        if plan.missing_rows[row]:
+            m = dict.fromkeys(ranking_metrics(np.zeros(1), 0, ks), 0.0)
+        else:
+            scores = c_emb @ emb[qi].astype(np.float64)
+            scores[plan.missing[corpus]] = -np.inf
+            m = ranking_metrics(scores, pos_in[int(plan.cand_idx[row][ex.positive])], ks, tol)
+        for k, v in m.items():
+            per.setdefault(k, []).append(v)
+    out = {k: float(np.mean(v)) for k, v in per.items()}
+    out["corpus_size"] = int(corpus.size)
+    return out
+
+
+def aggregate(datasets: dict[str, dict[str, Any]], metric: str = "hit@1") -> dict[str, Any]:
+    """Unweighted means of ``metric`` per meta-task, per split (IND/OOD) and overall (MMEB layout)."""
+    meta: dict[str, list[str]] = {}
+    split: dict[str, list[str]] = {}
+    for name, d in datasets.items():
+        if d.get("meta_task"):
+            meta.setdefault(d["meta_task"], []).append(name)
+        if d.get("split"):
+            split.setdefault(d["split"], []).append(name)
+    order = [m for m in META_TASKS if m in meta] + sorted(m for m in meta if m not in META_TASKS)
+
+    def mean(names: list[str]) -> float:
+        return float(np.mean([datasets[n][metric] for n in names]))
+
+    vals = [d[metric] for d in datasets.values()]
+    return {
+        "meta_tasks": {m: {metric: mean(meta[m]), "datasets": meta[m]} for m in order},
+        "splits": {s: {metric: mean(split[s]), "datasets": split[s]} for s in sorted(split)},
+        "overall": float(np.mean(vals)) if vals else float("nan"),
+    }
 
 
 def evaluate(
-    model: Any, sets: dict[str, Sequence[EvalExample]], batch_size: int = 32, show_progress_bar: bool = False
+    model: Any,
+    sets: dict[str, Sequence[EvalExample]],
+    batch_size: int = 32,
+    show_progress_bar: bool = False,
+    *,
+    num_workers: int = 0,
+    cache: EmbeddingCache | None = None,
+    ks: Sequence[int] = (1, 5, 10),
+    corpus: Collection[str] | str = (),
+    task_meta: dict[str, dict[str, Any]] | None = None,
+    n_examples: int = 0,
 ) -> dict[str, Any]:
-    """hit@1 per dataset and their mean, with the chance level of each dataset.
+    """Score ``model`` on MMEB-style eval sets (collective under a process group: call on every rank).
+
+    Args:
+        model: anything with ``encode(texts=, images=, instruction=, batch_size=, show_progress_bar=)``
+            returning (N, D) embeddings (:class:`~mmembed.model.EmbeddingModel`, the open_clip wrapper).
+        sets: ``{dataset: [EvalExample]}`` (from :func:`mmembed.eval.load_eval_sets`).
+        batch_size: rows per forward (does not change the scores).
+        num_workers: DataLoader workers decoding images before encoding (does not change the scores).
+        cache: on-disk embedding cache, or None.
+        ks: cut-offs for hit@k, recall@k, ndcg@k.
+        corpus: dataset names (or ``"all"``) also scored against their whole candidate corpus.
+        task_meta: extra ``{dataset: {"meta_task", "split"}}`` (a ``meta.json`` tasks table).
+        n_examples: rows per dataset whose top-5 is kept under ``datasets[name]["examples"]``.
 
     Returns:
-        ``{"datasets": {name: {"hit@1", "n", "chance"}}, "mean_hit@1": float}``.
+        ``{"datasets": {name: {"hit@1", "n", "missing_images", "chance", "meta_task", "split", ...}},
+        "meta_tasks": {m: {"hit@1", "datasets"}}, "splits": {"IND"/"OOD": {...}}, "overall": float,
+        "mean_hit@1": float (= overall), "means": {metric: mean over datasets}, "encode": {counts}}``.
     """
-    out: dict[str, Any] = {"datasets": {}}
+    dim = getattr(model, "embed_dim", None)
+    dim = dim if isinstance(dim, int) else None
+    out: dict[str, Any] = {"datasets": {}, "encode": {"encoded": 0, "cached": 0, "missing": 0, "unique": 0}}
     for name, examples in sets.items():
-        if not examples:
-            raise ValueError(f"eval set '{name}' is empty")
-        keys: dict[tuple, int] = {}
-        sides: list[Side] = []
-        q_idx = [_index(ex.query, keys, sides) for ex in examples]
-        c_idx = [[_index(c, keys, sides) for c in ex.candidates] for ex in examples]
-        emb = model.encode(
-            texts=[s.text for s in sides],
-            images=[list(s.images) or None for s in sides],
-            instruction=[s.instruction for s in sides],
-            batch_size=batch_size,
-            show_progress_bar=show_progress_bar,
-        )
-        hits, chance = [], []
-        for ex, qi, ci in zip(examples, q_idx, c_idx):
-            if not ci:
-                raise ValueError(f"{ex.source or name}: empty candidate list")
-            scores = emb[ci] @ emb[qi]
-            hits.append(hit_at_1(scores, ex.positive))
-            chance.append(1.0 / len(ci))
-        out["datasets"][name] = {"hit@1": float(np.mean(hits)), "n": len(hits), "chance": float(np.mean(chance))}
-    vals = [d["hit@1"] for d in out["datasets"].values()]
-    out["mean_hit@1"] = float(np.mean(vals)) if vals else float("nan")
+        plan = plan_dataset(name, examples)
+        try:
+            emb, stats = encode_plan(model, plan, batch_size=batch_size, num_workers=num_workers, cache=cache, dim=dim)
+        except (BadSample, ImageError, InputError) as e:  # unreadable input: name the dataset (missing images = misses)
+            raise ValueError(f"eval set '{name}': {e} (row numbers count distinct inputs)") from None
+        for k, v in stats.items():
+            out["encode"][k] += v
+        out["encode"]["unique"] += len(plan.sides)
+        want_corpus = corpus == "all" or name in corpus
+        d = score_plan(plan, emb, ks=ks, corpus=want_corpus, n_examples=n_examples)
+        info = task_info(name, task_meta)
+        d.update(meta_task=info["meta_task"], split=info["split"])
+        out["datasets"][name] = d
+        if show_progress_bar:
+            from mmembed import dist
+
+            dist.print0(f"{name}: hit@1 {d['hit@1']:.4f} (n={d['n']}, missing images {d['missing_images']})")
+    out.update(aggregate(out["datasets"]))
+    out["mean_hit@1"] = out["overall"]
+    skip = {"n", "missing_images", "chance", "num_candidates", "meta_task", "split", "corpus", "examples"}
+    metrics = [k for k in next(iter(out["datasets"].values()), {}) if k not in skip]
+    out["means"] = {k: float(np.mean([d[k] for d in out["datasets"].values()])) for k in metrics}
     return out
+
+
+def select_metric(scores: dict[str, Any], name: str = "overall") -> float:
+    """One number from :func:`evaluate`'s result, for best-checkpoint selection (higher is better).
+
+    ``name``: ``overall`` (MMEB mean hit@1), a mean over datasets (``mrr``, ``ndcg@5``, ``hit@5``...),
+    a meta-task or split (``CLS``, ``RET``, ``IND``...), or ``DATASET/METRIC`` (``N24News/hit@1``).
+    """
+    if name in ("overall", "hit@1", "mean_hit@1"):
+        return float(scores["overall"])
+    if name in scores.get("means", {}):
+        return float(scores["means"][name])
+    if name in scores.get("meta_tasks", {}):
+        return float(scores["meta_tasks"][name]["hit@1"])
+    if name in scores.get("splits", {}):
+        return float(scores["splits"][name]["hit@1"])
+    if "/" in name:
+        ds, metric = name.rsplit("/", 1)
+        if ds in scores["datasets"] and metric in scores["datasets"][ds]:
+            return float(scores["datasets"][ds][metric])
+    known = ["overall", *scores.get("means", {}), *scores.get("meta_tasks", {}), *scores.get("splits", {})]
+    raise KeyError(f"unknown eval metric {name!r}; known: {', '.join(known)} or DATASET/METRIC")

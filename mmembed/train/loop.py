@@ -24,7 +24,7 @@ import torch
 from mmembed import dist
 from mmembed.build import build_from_cfg, instantiate
 from mmembed.config import ConfigError, RecipeCfg, to_dict
-from mmembed.data import SkipCounter, build_eval_sets, build_train_loader
+from mmembed.data import SkipCounter, build_train_loader
 from mmembed.io import library_versions, save_model
 from mmembed.processing import split_batch
 from mmembed.registry import LOSSES
@@ -103,7 +103,16 @@ def train(cfg: RecipeCfg) -> TrainResult:
     if state.get("data"):
         loader.load_state_dict(state["data"])
     loader.skips = skips
-    eval_sets = build_eval_sets(cfg.data, model.processor.placeholder) if cfg.data.eval and t.eval_every else None
+    eval_sets, task_meta, best = None, None, float(state.get("best_metric", float("-inf")))
+    if cfg.data.eval and t.eval_every:
+        from mmembed.eval import load_eval_sets, read_task_meta
+
+        eval_sets = load_eval_sets(
+            cfg.data.eval, placeholder=model.processor.placeholder, image_root=cfg.data.image_root, strict=False
+        )
+        task_meta = read_task_meta(cfg.data.eval)
+    if t.zero_stage == 3:  # ranks must run the same modules in every forward, eval included
+        model.uniform_modules = True
     logger = MetricsLogger(out, start_step, t.max_steps, enabled=rank == 0)
     if resume_from is not None:
         logger.message(f"resumed from {resume_from} at step {start_step}")
@@ -148,18 +157,25 @@ def train(cfg: RecipeCfg) -> TrainResult:
         tick = now
         losses.append(float(loss))
         if t.eval_every and eval_sets and (done % t.eval_every == 0 or done == t.max_steps):
-            last_eval = _evaluate(model, eval_sets)
-            record.update(_flat_eval(last_eval))
+            from mmembed.eval import eval_in_training
+
+            last_eval = eval_in_training(model, eval_sets, metric=t.eval_metric, batch_size=64, task_meta=task_meta)
+            record.update(last_eval["flat"])
             logger.message(_eval_line(done, last_eval))
+            if last_eval["selection"]["value"] > best:  # keep the best model by train.eval_metric
+                best = last_eval["selection"]["value"]
+                _export(engine, task, cfg, out / "best")
+                if rank == 0:
+                    (out / "best" / "selection.json").write_text(json.dumps({"step": done, **last_eval["selection"]}))
             tick = time.perf_counter()
         logger.log(record)
         if t.save_every and done % t.save_every == 0 and done < t.max_steps:
-            _save(engine, out, done, loader, cfg)
+            _save(engine, out, done, loader, cfg, best)
             tick = time.perf_counter()
 
     # 4. final checkpoint and export
     if t.save_every and steps_done and not (out / "checkpoints" / f"step_{steps_done}").exists():
-        _save(engine, out, steps_done, loader, cfg)
+        _save(engine, out, steps_done, loader, cfg, best)
     final = _export(engine, task, cfg, out / "final")
     logger.close()
     if rank == 0:
@@ -246,30 +262,21 @@ def _global_skips(skips: SkipCounter) -> int:
     return int(dist.all_reduce_sum(n).item())
 
 
-def _save(engine: Any, out: Path, step: int, loader: Any, cfg: RecipeCfg) -> None:
-    state = {"step": step, "data": loader.state_dict(), "seed": cfg.train.seed, "world_size": dist.get_world_size()}
+def _save(engine: Any, out: Path, step: int, loader: Any, cfg: RecipeCfg, best: float) -> None:
+    state = {
+        "step": step,
+        "data": loader.state_dict(),
+        "seed": cfg.train.seed,
+        "world_size": dist.get_world_size(),
+        "best_metric": best,
+    }
     ckpt.save_checkpoint(engine, out / "checkpoints", step, state, loader.skips.to_dict())
-
-
-def _evaluate(model: Any, sets: dict[str, Any]) -> dict[str, Any]:
-    from mmembed.eval import evaluate
-
-    was = model.training
-    try:
-        return evaluate(model, sets, batch_size=64)
-    finally:
-        model.train(was)
-
-
-def _flat_eval(scores: dict[str, Any]) -> dict[str, float]:
-    flat = {f"eval/{k}/hit@1": v["hit@1"] for k, v in scores["datasets"].items()}
-    flat["eval/mean_hit@1"] = scores["mean_hit@1"]
-    return flat
 
 
 def _eval_line(step: int, scores: dict[str, Any]) -> str:
     parts = ", ".join(f"{k} {v['hit@1']:.3f}" for k, v in scores["datasets"].items())
-    return f"step {step}: held-out hit@1 mean {scores['mean_hit@1']:.3f} ({parts})"
+    sel = scores["selection"]
+    return f"step {step}: held-out hit@1 mean {scores['mean_hit@1']:.3f} ({parts}); {sel['metric']} {sel['value']:.3f}"
 
 
 def _export(engine: Any, task: ContrastiveTask, cfg: RecipeCfg, final: Path) -> Path | None:

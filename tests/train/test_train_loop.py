@@ -31,6 +31,10 @@ def test_train_writes_outputs_and_the_export_reloads(demo_data, tmp_path):
         assert {"step", "loss", "lr", "samples_per_s", "skipped"} <= set(r) and np.isfinite(r["loss"])
     assert "eval/mean_hit@1" in rows[1] and "eval/mean_hit@1" in rows[3]
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step_2", "step_4"]
+    best = json.loads((out / "best" / "selection.json").read_text())
+    assert best["metric"] == "overall" and best["step"] in (2, 4)
+    assert best["value"] == max(r["eval/overall"] for r in rows if "eval/overall" in r)
+    assert mmembed.load(out / "best").embed_dim == 64
     model = mmembed.load(out / "final")
     emb = model.encode(texts=["a red circle"], images=[None])
     assert emb.shape == (1, 64) and np.isfinite(emb).all()

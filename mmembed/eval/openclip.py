@@ -1,0 +1,158 @@
+"""open_clip baselines scored by the same protocol (ANCHORS.md §1.11: CLIP 37.8, OpenCLIP 39.7 on MMEB-V1).
+
+:class:`OpenClipEncoder` gives any ``open_clip`` model mmembed's ``encode`` interface:
+
+- a row with images and no text -> image tower (several images: mean of their normalized embeddings);
+- a row with text and no image -> text tower; the instruction, when given, is prepended to the text
+  (``"{instruction} {text}"``), as MMEB-V1's ``qry_text`` carries it inline for the CLIP baselines
+  of VLM2Vec's ``evaluation/eval_openclip.py`` (v1 branch);
+- a row with both -> ``normalize(normalize(image) + normalize(text))``: UniIR's score-level fusion
+  (CLIP_SF, Wei et al., arXiv 2311.17136 §4.1) on unit vectors;
+- image-only rows ignore their instruction (the image tower takes no text).
+
+The image placeholder is the empty string, so MMEB's ``<|image_1|>`` markers are simply removed.
+Spec strings for :func:`load_openclip` and ``mmembed eval``: ``openclip:ARCH[:PRETRAINED]`` where
+ARCH is an open_clip architecture name or a path to an open_clip model-config JSON, and PRETRAINED
+an open_clip pretrained tag or a local weights file (without it the weights are random, seed 0).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from mmembed.data.sample import ImageRef
+
+__all__ = ["OpenClipEncoder", "load_openclip", "PREFIX"]
+
+PREFIX = "openclip:"
+
+
+class _Proc:
+    placeholder = ""
+
+
+class OpenClipEncoder:
+    """An open_clip model behind ``encode(texts=, images=, instruction=, batch_size=, ...)``.
+
+    Args:
+        model: an ``open_clip.CLIP`` (or anything with ``encode_image``/``encode_text``).
+        preprocess: the image transform (PIL -> (3, S, S) tensor), e.g. open_clip's val transform.
+        tokenizer: open_clip tokenizer (list of str -> (B, L) long tensor).
+        name: shown in reports; ``fingerprint``: cache key (default: hash of name and weights).
+    """
+
+    def __init__(
+        self, model: Any, preprocess: Any, tokenizer: Any, name: str = "openclip", fingerprint: str | None = None
+    ):
+        self.model = model.eval()
+        self.preprocess, self.tokenizer, self.name = preprocess, tokenizer, name
+        self.processor = _Proc()
+        self.fingerprint = fingerprint or self._hash_weights()
+
+    def _hash_weights(self) -> str:
+        h = hashlib.blake2b(self.name.encode(), digest_size=16)
+        for k, v in self.model.state_dict().items():
+            h.update(k.encode())
+            h.update(v.detach().float().cpu().numpy().tobytes())
+        return h.hexdigest()
+
+    @property
+    def embed_dim(self) -> int | None:
+        proj = getattr(self.model, "text_projection", None)
+        return int(proj.shape[-1]) if isinstance(proj, torch.Tensor) else None
+
+    @torch.inference_mode()
+    def encode(
+        self,
+        texts: Sequence[str | None] | None = None,
+        images: Sequence[ImageRef | Sequence[ImageRef] | None] | None = None,
+        instruction: str | Sequence[str | None] | None = None,
+        batch_size: int = 32,
+        show_progress_bar: bool | None = None,
+        convert_to: str = "numpy",
+    ) -> np.ndarray | torch.Tensor:
+        """(N, D) float32 unit vectors for aligned ``texts``/``images`` rows (see the module doc)."""
+        from mmembed.images import load_image
+
+        n = len(texts) if texts is not None else len(images or [])
+        texts = list(texts) if texts is not None else [None] * n
+        imgs = list(images) if images is not None else [None] * n
+        insts = [instruction] * n if instruction is None or isinstance(instruction, str) else list(instruction)
+        if not (len(texts) == len(imgs) == len(insts) == n):
+            raise ValueError(f"texts ({len(texts)}), images ({len(imgs)}) and instructions ({len(insts)}) must align")
+        full = []
+        for i in range(n):
+            t = texts[i].strip() if texts[i] else ""
+            if t and insts[i]:
+                t = f"{insts[i].strip()} {t}"
+            full.append(t or None)
+        img_rows = [(i, im if isinstance(im, (list, tuple)) else [im]) for i, im in enumerate(imgs) if im is not None]
+        txt_rows = [i for i in range(n) if full[i] is not None]
+        dev = next(self.model.parameters()).device
+        dim = None
+        img_emb: dict[int, torch.Tensor] = {}
+        flat = [(i, im) for i, ims in img_rows for im in ims]
+        for s in range(0, len(flat), max(1, batch_size)):
+            chunk = flat[s : s + batch_size]
+            x = torch.stack([self.preprocess(load_image(im)) for _, im in chunk])
+            e = F.normalize(self.model.encode_image(x.to(dev)).float().cpu(), dim=-1)
+            for (i, _), v in zip(chunk, e):
+                img_emb[i] = img_emb[i] + v if i in img_emb else v.clone()
+        txt_emb: dict[int, torch.Tensor] = {}
+        for s in range(0, len(txt_rows), max(1, batch_size)):
+            idx = txt_rows[s : s + batch_size]
+            tokens = self.tokenizer([full[i] for i in idx]).to(dev)
+            e = F.normalize(self.model.encode_text(tokens).float().cpu(), dim=-1)
+            txt_emb.update(zip(idx, e))
+        for e in (*img_emb.values(), *txt_emb.values()):
+            dim = e.shape[-1]
+            break
+        out = torch.zeros(n, dim or (self.embed_dim or 0))
+        for i in range(n):
+            parts = [F.normalize(img_emb[i], dim=-1)] if i in img_emb else []
+            parts += [txt_emb[i]] if i in txt_emb else []
+            if not parts:
+                raise ValueError(f"row {i}: neither text nor image")
+            out[i] = F.normalize(sum(parts), dim=-1)
+        if convert_to == "torch":
+            return out
+        if convert_to != "numpy":
+            raise ValueError(f"convert_to must be 'numpy' or 'torch', got {convert_to!r}")
+        return out.numpy()
+
+
+def load_openclip(spec: str, device: str | None = None) -> OpenClipEncoder:
+    """``openclip:ARCH[:PRETRAINED]`` -> :class:`OpenClipEncoder` (offline when the weights are local)."""
+    import open_clip
+
+    body = spec[len(PREFIX) :] if spec.startswith(PREFIX) else spec
+    arch, _, pretrained = body.partition(":")
+    if arch.endswith(".json"):
+        if not Path(arch).is_file():
+            raise FileNotFoundError(f"{arch}: open_clip model config not found")
+        open_clip.add_model_config(arch)
+        arch = Path(arch).stem
+    if arch not in open_clip.list_models():
+        raise ValueError(f"unknown open_clip architecture {arch!r} (see open_clip.list_models())")
+    torch.manual_seed(0)  # random-init baselines are reproducible
+    model, _, preprocess = open_clip.create_model_and_transforms(
+        arch, pretrained=pretrained or None, device=device or "cpu"
+    )
+    tokenizer = open_clip.get_tokenizer(arch)
+    fp = None
+    if pretrained and os.path.isfile(pretrained):
+        h = hashlib.blake2b(body.encode(), digest_size=16)
+        h.update(str(os.path.getsize(pretrained)).encode())
+        with open(pretrained, "rb") as f:
+            for block in iter(lambda: f.read(1 << 22), b""):
+                h.update(block)
+        fp = h.hexdigest()
+    return OpenClipEncoder(model, preprocess, tokenizer, name=f"{PREFIX}{body}", fingerprint=fp)
