@@ -62,10 +62,16 @@ def build_from_cfg(cfg: ModelCfg) -> EmbeddingModel:
     reducer = None
     if cfg.reducer is not None:
         reducer = instantiate(REDUCERS, cfg.reducer, dim=d, num_layers=backbone.num_layers)
+        if getattr(reducer, "pre_llm", False):
+            if vision is None:
+                raise ConfigError("model.reducer", "a token reducer needs a vision encoder (model.vision)")
+            image_tokens = reducer.num_tokens(image_tokens)  # placeholder rows per image after merging
     pooler = instantiate(POOLERS, cfg.pooler, dim=d, num_layers=backbone.num_layers)
     fusion = None
     if cfg.fusion is not None:
         fusion = instantiate(FUSIONS, cfg.fusion, dim=d, vision_dim=vision.out_dim if vision else d)
+        if getattr(fusion, "micl_token", None):  # NoteLLM-2 mICL compression token
+            fusion.micl_token_id = backbone.add_placeholder(fusion.micl_token)
     processor = Processor(
         tokenizer=backbone.tokenizer,
         placeholder=cfg.image_placeholder,

@@ -48,6 +48,9 @@ class EmbeddingModel(nn.Module):
         self.backbone, self.pooler, self.fusion = backbone, pooler, fusion
         self.proj = nn.Linear(backbone.hidden_size, cfg.embed_dim, bias=False) if cfg.embed_dim else None
         self.processor = processor
+        # Run the visual path on text-only batches too (times 0), so every rank runs the same modules in every
+        # forward: training always needs it; ZeRO-3 evaluation sets it (the training loop does).
+        self.uniform_modules = False
 
     # ------------------------------------------------------------------------------------------
     # forward
@@ -61,11 +64,14 @@ class EmbeddingModel(nn.Module):
         return next(self.parameters()).device
 
     def image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """(N_img, 3, S, S) -> (N_img, N', d) connector outputs, ready to splice."""
+        """(N_img, 3, S, S) -> (N_img, N', d) connector (then pre-LLM reducer) outputs, ready to splice."""
         assert self.vision is not None and self.connector is not None
         param = next(self.vision.parameters())
         tokens = self.vision(pixel_values.to(device=param.device, dtype=param.dtype))  # (N_img, N, D_v)
-        return self.connector(tokens, self.vision.grid())
+        feats = self.connector(tokens, self.vision.grid())  # (N_img, N', d)
+        if self.reducer is not None and getattr(self.reducer, "pre_llm", False):
+            feats = self.reducer(feats)  # (N_img, N'', d): merged per image (AIM §5a)
+        return feats
 
     def splice(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """Token embeddings with the visual rows written at the placeholder positions: (B, L, d)."""
@@ -73,7 +79,7 @@ class EmbeddingModel(nn.Module):
         embeds = self.backbone.embed(input_ids)
         pixels = batch.get("pixel_values")
         if pixels is None or pixels.shape[0] == 0:
-            if self.training and self.vision is not None:
+            if (self.training or self.uniform_modules) and self.vision is not None:
                 # Text-only batch in training: run the visual path on one blank image and add it times 0,
                 # so every rank (and every GradCache chunk) runs the same modules and produces gradients
                 # for the same parameters. ZeRO-3 gathers parameters per module call and ZeRO-2 reduces
@@ -96,17 +102,70 @@ class EmbeddingModel(nn.Module):
 
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """A processor batch -> (B, D) embeddings (L2-normalized when ``cfg.normalize``)."""
+        return self.forward_with_aux(batch)[0]
+
+    def forward_with_aux(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """(B, D) embeddings and auxiliary outputs for the loss.
+
+        ``aux`` holds, with a ``late_fusion`` that has ``micl_token`` set (NoteLLM-2 mICL), ``visual`` (B, D): the
+        hidden state just before the compression token, through the same gate/projection/normalization, and
+        ``visual_mask`` (B,) bool: rows that contain the token. Otherwise ``aux`` is empty.
+        """
         device = self.device
         batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
         attention_mask = batch["attention_mask"]
+        pool_attention, pool_mask = attention_mask, batch["pool_mask"]
         embeds = self.splice(batch)
         position_ids = (attention_mask.cumsum(dim=-1) - 1).clamp_min(0)  # after splicing: pad-side independent
-        hidden = self.backbone(embeds, attention_mask, position_ids, all_layers=self.pooler.needs_all_layers)
-        pooled = self.pooler(hidden, attention_mask, batch["pool_mask"])
+        all_layers = self.pooler.needs_all_layers
+        has_pixels = batch.get("pixel_values") is not None and batch["pixel_values"].shape[0] > 0
+        if self.reducer is not None and getattr(self.reducer, "in_llm", False) and has_pixels:
+            visual = batch["input_ids"] == self.processor.placeholder_id  # (B, L)
+            hidden, kept = self.backbone.forward_pruned(
+                embeds, attention_mask, position_ids, visual, self.reducer, all_layers=all_layers
+            )
+            pool_attention, pool_mask = attention_mask * kept, pool_mask * kept  # pruned rows leave the pool
+        else:
+            hidden = self.backbone(embeds, attention_mask, position_ids, all_layers=all_layers)
+        pooled = self.pooler(hidden, pool_attention, pool_mask)
+        aux: dict[str, torch.Tensor] = {}
+        if self.fusion is not None:
+            image_global, has_image = self.image_global(batch, pooled.shape[0])
+            pooled = self.fusion(pooled, image_global, has_image)
+            token_id = getattr(self.fusion, "micl_token_id", None)
+            if token_id is not None:
+                last = hidden[-1] if isinstance(hidden, tuple) else hidden
+                marks = batch["input_ids"] == token_id  # (B, L)
+                before = (marks.to(torch.int64).argmax(dim=1) - 1).clamp_min(0)
+                visual_rep = last[torch.arange(last.shape[0], device=last.device), before]
+                aux["visual"] = self._finish(self.fusion(visual_rep, image_global, has_image))
+                aux["visual_mask"] = marks.any(dim=1)
+        return self._finish(pooled), aux
+
+    def _finish(self, pooled: torch.Tensor) -> torch.Tensor:
         if self.proj is not None:
             pooled = self.proj(pooled)
         pooled = pooled.float()
         return F.normalize(pooled, dim=-1) if self.cfg.normalize else pooled
+
+    def image_global(self, batch: dict[str, torch.Tensor], rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-row global image feature (B, D_v) (mean over a row's images) and ``has_image`` (B,) bool.
+
+        Uses ``vision.global_feature`` (CLS / pooled feature) on the same pixels; rows without images get zeros
+        (late fusion passes them through). Text-only models give zeros of width d.
+        """
+        counts = batch["image_counts"].to(self.device)
+        pixels = batch.get("pixel_values")
+        if self.vision is None:
+            return torch.zeros(rows, self.backbone.hidden_size, device=self.device), counts > 0
+        width = self.vision.out_dim
+        if pixels is None or pixels.shape[0] == 0:
+            return torch.zeros(rows, width, device=self.device), counts > 0
+        param = next(self.vision.parameters())
+        feats = self.vision.global_feature(pixels.to(device=param.device, dtype=param.dtype))  # (N_img, D_v)
+        row = torch.repeat_interleave(torch.arange(rows, device=feats.device), counts)
+        summed = torch.zeros(rows, feats.shape[-1], device=feats.device, dtype=feats.dtype).index_add(0, row, feats)
+        return summed / counts.clamp_min(1)[:, None].to(feats.dtype), counts > 0
 
     # ------------------------------------------------------------------------------------------
     # inference API

@@ -119,6 +119,36 @@ def test_contract(slot, name, i, tmp_path):
         run = lambda m: m(q.detach(), t)  # noqa: E731
         module = loss_fn
         out = run(module)
+    elif slot == "reducer":
+        red, args = _build(slot, name, i, dim=32, num_layers=2)
+        assert red.pre_llm or red.in_llm, "a reducer acts before the LLM, inside it, or both"
+        x = torch.randn(2, 16, 32)
+        q, k = torch.randn(2, 4, 6, 8), torch.randn(2, 4, 6, 8)
+        valid = torch.tensor([[0, 1, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1]], dtype=torch.bool)
+        causal = torch.ones(6, 6, dtype=torch.bool).tril()
+        allowed = (valid[:, None, None, :] & causal) | torch.eye(6, dtype=torch.bool)
+        if red.in_llm:
+            assert len(red.keep_ratios) == 2 and all(0.0 <= r <= 1.0 for r in red.keep_ratios)
+            score = red.importance(q, k, allowed, valid)
+            assert score.shape == (2, 6) and bool(score[0, 0] == -1.0) and bool((score[:, 1:] >= 0).all())
+            out = score
+            run = lambda m: m.importance(q, k, allowed, valid)  # noqa: E731
+        if red.pre_llm:
+            out = red(x)
+            assert out.shape == (2, red.num_tokens(16), 32)
+            run = lambda m: m(x)  # noqa: E731
+        rebuild = lambda: instantiate(ALL[slot], {"type": name, **args}, dim=32, num_layers=2)  # noqa: E731
+        module = red
+    elif slot == "fusion":
+        fusion, args = _build(slot, name, i, dim=32, vision_dim=24)
+        text, img = torch.randn(3, 32), torch.randn(3, 24)
+        has = torch.tensor([True, False, True])
+        out = fusion(text, img, has)
+        assert out.shape == (3, 32)
+        assert torch.equal(out[1], text[1]), "a row without an image must pass through"
+        rebuild = lambda: instantiate(ALL[slot], {"type": name, **args}, dim=32, vision_dim=24)  # noqa: E731
+        run = lambda m: m(text, img, has)  # noqa: E731
+        module = fusion
     else:
         pytest.fail(f"no contract for slot '{slot}': add its case to this test when registering the first one")
     assert torch.isfinite(out).all()

@@ -86,8 +86,10 @@ def main() -> None:
     for name, r in results.items():
         print(f"{name:32s} {r['samples_per_s']:10.1f} {r['step_mem_mb']:16.1f} {r['peak_mb']:10.1f}")
     small, gc, big = (results[k] for k in settings)
-    print(f"\nGradCache batch {b} / plain batch {c} step memory: {gc['step_mem_mb'] / small['step_mem_mb']:.2f}x "
-          f"(target <= 1.3x); plain batch {b}: {big['step_mem_mb'] / small['step_mem_mb']:.2f}x")
+    print(
+        f"\nGradCache batch {b} / plain batch {c} step memory: {gc['step_mem_mb'] / small['step_mem_mb']:.2f}x "
+        f"(target <= 1.3x); plain batch {b}: {big['step_mem_mb'] / small['step_mem_mb']:.2f}x"
+    )
     print(f"GradCache throughput vs plain at batch {b}: {gc['samples_per_s'] / big['samples_per_s']:.2f}x")
 
 

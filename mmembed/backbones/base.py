@@ -37,6 +37,18 @@ class Backbone(nn.Module):
         """(B, L, d) -> last hidden state (B, L, d), or a tuple of every layer's (B, L, d) output."""
         raise NotImplementedError
 
+    def forward_pruned(
+        self,
+        inputs_embeds: torch.Tensor,
+        attention_mask: torch.Tensor,
+        position_ids: torch.Tensor,
+        visual_mask: torch.Tensor,
+        reducer: Any,
+        all_layers: bool = False,
+    ) -> tuple[torch.Tensor | tuple[torch.Tensor, ...], torch.Tensor]:
+        """Forward with in-LLM visual-token pruning (``reducer.in_llm``): hidden (B, L, d) and kept mask (B, L)."""
+        raise NotImplementedError(f"{type(self).__name__} does not support in-LLM token pruning")
+
     def add_placeholder(self, token: str) -> int:
         """Add ``token`` to the tokenizer as a special token (resizing embeddings if needed); return its id."""
         raise NotImplementedError

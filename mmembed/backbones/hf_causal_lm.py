@@ -44,6 +44,9 @@ class HFCausalLM(Backbone):
         attn_implementation: ``sdpa`` (default), ``eager`` or ``flash_attention_2``.
         add_eos: append the tokenizer's EOS so last-token pooling reads it (ALGORITHMS.md §6.3).
         trust_remote_code: passed to transformers; off unless the user turns it on.
+        attention: ``causal`` (default) or ``bidirectional``: every attention module gets ``is_causal = False``
+            and a padding-only 4-D mask (``masking_utils.create_bidirectional_mask``), which the SDPA, eager and
+            flash paths all honour (LLM2Vec / NV-Embed, ALGORITHMS.md §6.5). Needs contrastive fine-tuning.
     """
 
     example_args = [
@@ -73,6 +76,7 @@ class HFCausalLM(Backbone):
         attn_implementation: str = "sdpa",
         add_eos: bool = True,
         trust_remote_code: bool = False,
+        attention: str = "causal",
     ) -> None:
         super().__init__()
         from transformers import AutoConfig, AutoModel
@@ -116,6 +120,32 @@ class HFCausalLM(Backbone):
         self.num_layers = int(text_cfg.num_hidden_layers)
         self.add_eos = add_eos and self.tokenizer.eos_token_id is not None
         self._dtype_name = dtype
+        self.check_config({"attention": attention})
+        self.attention = attention
+        if attention == "bidirectional":
+            for module in self.model.modules():
+                if hasattr(module, "is_causal"):
+                    module.is_causal = False
+
+    @staticmethod
+    def check_config(args: dict[str, Any]) -> None:
+        from mmembed.config import ConfigError
+
+        if args.get("attention", "causal") not in ("causal", "bidirectional"):
+            raise ConfigError("attention", f"got {args.get('attention')!r}; allowed: causal, bidirectional")
+
+    def _mask(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        if self.attention == "causal":
+            return attention_mask
+        from transformers.masking_utils import create_bidirectional_mask
+
+        mask = create_bidirectional_mask(
+            config=self.model.config,
+            inputs_embeds=inputs_embeds,
+            attention_mask=attention_mask,
+            allow_is_bidirectional_skip=False,
+        )
+        return attention_mask if mask is None else mask  # flash-attention keeps the 2-D mask
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.model.get_input_embeddings()(input_ids)
@@ -129,7 +159,7 @@ class HFCausalLM(Backbone):
     ) -> torch.Tensor | tuple[torch.Tensor, ...]:
         out = self.model(
             inputs_embeds=inputs_embeds,
-            attention_mask=attention_mask,
+            attention_mask=self._mask(inputs_embeds, attention_mask),
             position_ids=position_ids,
             output_hidden_states=all_layers,
             use_cache=False,
@@ -137,6 +167,32 @@ class HFCausalLM(Backbone):
         if all_layers:
             return tuple(out.hidden_states[1:])  # drop the embedding layer
         return out.last_hidden_state
+
+    def forward_pruned(
+        self,
+        inputs_embeds: torch.Tensor,
+        attention_mask: torch.Tensor,
+        position_ids: torch.Tensor,
+        visual_mask: torch.Tensor,
+        reducer: Any,
+        all_layers: bool = False,
+    ) -> tuple[torch.Tensor | tuple[torch.Tensor, ...], torch.Tensor]:
+        """Layer-by-layer forward removing pruned visual rows (AIM, :func:`mmembed.tokens.prune.pruned_forward`).
+
+        Returns hidden states scattered back to (B, L, d) and the (B, L) mask of tokens kept to the end.
+        """
+        from mmembed.tokens.prune import pruned_forward
+
+        return pruned_forward(
+            self.model,
+            inputs_embeds,
+            attention_mask,
+            position_ids,
+            visual_mask,
+            reducer,
+            causal=self.attention == "causal",
+            all_layers=all_layers,
+        )
 
     def add_placeholder(self, token: str) -> int:
         if token not in self.tokenizer.get_vocab():

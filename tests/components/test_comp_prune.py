@@ -1,0 +1,74 @@
+"""Token pruning inside the LLM (AIM): keep-all equals the plain forward; pruned rows are really removed."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mmembed.config import ConfigError
+from mmembed.tokens.prune import PruneReducer, aim_schedule
+from tests.components import build, rows
+
+
+def test_aim_schedule_matches_the_reference():
+    rho = aim_schedule(28, 14, 0.125)
+    assert rho[:14] == [1.0] * 14 and rho[14] == 0.875 and rho[20] == 0.125 and rho[21:] == [0.0] * 7
+
+
+@pytest.mark.parametrize("impl", ["sdpa", "eager"])
+def test_keep_all_schedule_equals_the_unpruned_forward(impl):
+    plain = build(f"model.backbone.attn_implementation={impl}")
+    pruned = build(f"model.backbone.attn_implementation={impl}", "model.reducer={type: prune, schedule: [1.0, 1.0]}")
+    pruned.load_state_dict(plain.state_dict())
+    texts, images, instr = rows()
+    a = plain.encode(texts=texts, images=images, instruction=instr, batch_size=5)
+    b = pruned.encode(texts=texts, images=images, instruction=instr, batch_size=5)
+    assert abs(a - b).max() <= 1e-5
+
+
+def test_pruning_removes_visual_rows_keeps_text_and_is_batch_and_padding_invariant():
+    spec = "model.reducer={type: prune, schedule: [0.25]}"
+    model = build(spec, "model.pooler.type=mean")
+    lengths = []
+    hook = model.backbone.model.layers[1].register_forward_pre_hook(lambda m, a: lengths.append(a[0].shape[1]))
+    batch = model.processor(model._rows(["a red circle", "x"], [rows()[1][1], None], None))
+    visual = batch["input_ids"] == model.processor.placeholder_id
+    with torch.no_grad():
+        h, kept = model.backbone.forward_pruned(
+            model.splice(batch),
+            batch["attention_mask"],
+            (batch["attention_mask"].cumsum(-1) - 1).clamp_min(0),
+            visual,
+            model.reducer,
+        )
+    hook.remove()
+    length = batch["input_ids"].shape[1]
+    assert lengths == [length - 12]  # 16 visual rows -> 4 kept after layer 0; row 1 has none
+    text = batch["attention_mask"].bool() & ~visual
+    assert kept[text].all() and int(kept[0][visual[0]].sum()) == 4
+    texts, images, instr = rows()
+    right = build(spec, "model.pooler.type=mean", "model.padding_side=right")
+    right.load_state_dict(model.state_dict())
+    a = model.encode(texts=texts, images=images, instruction=instr, batch_size=5)
+    assert abs(a - model.encode(texts=texts, images=images, instruction=instr, batch_size=1)).max() <= 1e-5
+    assert abs(a - right.encode(texts=texts, images=images, instruction=instr, batch_size=2)).max() <= 1e-5
+
+
+def test_schedule_longer_than_the_backbone_fails_naming_the_key():
+    with pytest.raises(ConfigError) as e:
+        build("model.reducer={type: prune, schedule: [1.0, 0.5, 0.25]}")
+    assert e.value.key == "model.reducer.schedule" and "2 layers" in e.value.message
+    with pytest.raises(ConfigError, match="model.reducer.schedule"):
+        build("model.reducer={type: prune, schedule: [1.5]}")
+
+
+def test_importance_prefers_attended_tokens():
+    red = PruneReducer(num_layers=1, temperature=1.0)
+    q = torch.zeros(1, 1, 4, 2)
+    k = torch.zeros(1, 1, 4, 2)
+    q[..., 0] = 1.0
+    k[0, 0, 1, 0] = 5.0  # every query attends to token 1
+    valid = torch.ones(1, 4, dtype=torch.bool)
+    allowed = torch.ones(1, 1, 4, 4, dtype=torch.bool)
+    score = red.importance(q, k, allowed, valid)
+    assert int(score.argmax()) == 1
