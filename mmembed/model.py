@@ -115,11 +115,16 @@ class EmbeddingModel(nn.Module):
         batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
         attention_mask = batch["attention_mask"]
         pool_attention, pool_mask = attention_mask, batch["pool_mask"]
-        embeds = self.splice(batch)
-        position_ids = (attention_mask.cumsum(dim=-1) - 1).clamp_min(0)  # after splicing: pad-side independent
+        if not getattr(self.backbone, "native", False):
+            embeds = self.splice(batch)
+            position_ids = (attention_mask.cumsum(dim=-1) - 1).clamp_min(0)  # after splicing: pad-side independent
         all_layers = self.pooler.needs_all_layers
         has_pixels = batch.get("pixel_values") is not None and batch["pixel_values"].shape[0] > 0
-        if self.reducer is not None and getattr(self.reducer, "in_llm", False) and has_pixels:
+        if getattr(self.backbone, "native", False):  # the HF VLM's own forward (vision tower inside)
+            hidden, native_mask = self.backbone.forward_native(batch, all_layers=all_layers, reducer=self.reducer)
+            if native_mask is not attention_mask:  # visual tokens merged: (B, L') rows
+                pool_attention = pool_mask = native_mask
+        elif self.reducer is not None and getattr(self.reducer, "in_llm", False) and has_pixels:
             visual = batch["input_ids"] == self.processor.placeholder_id  # (B, L)
             hidden, kept = self.backbone.forward_pruned(
                 embeds, attention_mask, position_ids, visual, self.reducer, all_layers=all_layers
@@ -130,6 +135,7 @@ class EmbeddingModel(nn.Module):
         pooled = self.pooler(hidden, pool_attention, pool_mask)
         aux: dict[str, torch.Tensor] = {}
         if self.fusion is not None:
+            pooled_text = pooled  # (B, d) before the gate
             image_global, has_image = self.image_global(batch, pooled.shape[0])
             pooled = self.fusion(pooled, image_global, has_image)
             token_id = getattr(self.fusion, "micl_token_id", None)
@@ -138,8 +144,11 @@ class EmbeddingModel(nn.Module):
                 marks = batch["input_ids"] == token_id  # (B, L)
                 before = (marks.to(torch.int64).argmax(dim=1) - 1).clamp_min(0)
                 visual_rep = last[torch.arange(last.shape[0], device=last.device), before]
+                has_mark = marks.any(dim=1)  # (B,)
+                # rows without the token fall back to their main representation (padding-independent)
+                visual_rep = torch.where(has_mark[:, None], visual_rep, pooled_text)
                 aux["visual"] = self._finish(self.fusion(visual_rep, image_global, has_image))
-                aux["visual_mask"] = marks.any(dim=1)
+                aux["visual_mask"] = has_mark
         return self._finish(pooled), aux
 
     def _finish(self, pooled: torch.Tensor) -> torch.Tensor:

@@ -152,7 +152,7 @@ def train(cfg: RecipeCfg) -> TrainResult:
             "skipped": total_skips,
             "mem_start_mb": round(mem_start, 1),
             "mem_peak_mb": round(memory.peak_mb(), 1),
-            **{f"train/{k}": float(v) for k, v in stats.items() if k in ("accuracy", "scale")},
+            **{f"train/{k}": float(v) for k, v in stats.items() if k in ("accuracy", "scale", "micl_loss")},
         }
         tick = now
         losses.append(float(loss))
@@ -192,7 +192,7 @@ def train(cfg: RecipeCfg) -> TrainResult:
 
 def _forward_backward(engine: Any, task: ContrastiveTask, batch: dict[str, Any], chunk: int) -> tuple[float, dict]:
     """Forward and backward of one step (plain or GradCache); returns the logged loss and stats."""
-    loss_fn = functools.partial(_checked_loss, task.loss, batch.get("negative_mask"))
+    loss_fn = functools.partial(_checked_loss, task, batch.get("negative_mask"))
     if chunk:
         result = gradcache_step(
             engine,
@@ -212,8 +212,10 @@ def _forward_backward(engine: Any, task: ContrastiveTask, batch: dict[str, Any],
     return float(stats["loss"]), stats
 
 
-def _checked_loss(loss_module: Any, negative_mask: Any, q: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, dict]:
-    loss, stats = loss_module(q, t, negative_mask=negative_mask, return_stats=True)
+def _checked_loss(
+    task: ContrastiveTask, negative_mask: Any, q: torch.Tensor, t: torch.Tensor
+) -> tuple[torch.Tensor, dict]:
+    loss, stats = task.compute_loss(q, t, negative_mask)
     if not torch.isfinite(loss):  # every rank sees the same global loss, so all skip together
         raise NonFiniteLoss(f"loss is {float(loss)}")
     return loss, stats

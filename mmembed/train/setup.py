@@ -26,9 +26,31 @@ class ContrastiveTask(nn.Module):
     def __init__(self, model: nn.Module, loss: nn.Module) -> None:
         super().__init__()
         self.model, self.loss = model, loss
+        fusion = getattr(model, "fusion", None)
+        has_micl = fusion is not None and getattr(fusion, "micl_token_id", None) is not None
+        self.micl_weight: float | None = float(fusion.micl_weight) if has_micl else None
 
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        return self.model(batch)
+        """(B, D), or (B, 2D) = [main | mICL visual] when the model has a NoteLLM-2 mICL token, so GradCache
+        caches both representations as one tensor."""
+        if self.micl_weight is None:
+            return self.model(batch)
+        emb, aux = self.model.forward_with_aux(batch)
+        return torch.cat([emb, aux["visual"]], dim=-1)
+
+    def compute_loss(
+        self, q: torch.Tensor, t: torch.Tensor, negative_mask: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, dict]:
+        """The loss to differentiate and its stats. With mICL: ``(1 - w) L(main) + w L(visual)`` (NoteLLM-2,
+        arXiv 2405.16789; default w = 0.1, i.e. 9:1), both InfoNCE over the same batch."""
+        if self.micl_weight is None:
+            return self.loss(q, t, negative_mask=negative_mask, return_stats=True)
+        d = q.shape[1] // 2
+        main, stats = self.loss(q[:, :d], t[:, :d], negative_mask=negative_mask, return_stats=True)
+        visual, vstats = self.loss(q[:, d:], t[:, d:], negative_mask=negative_mask, return_stats=True)
+        w = self.micl_weight
+        stats = {**stats, "loss": (1 - w) * stats["loss"] + w * vstats["loss"], "micl_loss": vstats["loss"]}
+        return (1 - w) * main + w * visual, stats
 
 
 def apply_lora(model: nn.Module, lora: dict[str, Any]) -> None:

@@ -169,3 +169,37 @@ def test_gradient_checkpointing_gives_the_same_step(demo_data, tmp_path):
     a, b = _weights(tmp_path / "plain"), _weights(tmp_path / "ckpt")
     assert max(float((a[k] - b[k]).abs().max()) for k in a) <= 1e-5
     assert _losses(tmp_path / "plain") == pytest.approx(_losses(tmp_path / "ckpt"), abs=1e-6)
+
+
+def test_micl_loss_is_weighted_in_and_exact_under_gradcache(demo_data, tmp_path):
+    """NoteLLM-2 mICL: the loop trains (1 - w) L_main + w L_visual; GradCache caches both representations."""
+    imgs = sorted((demo_data / "train" / "images").glob("*.png"))[:16]
+    prompt = 'Note: {{"image": "<image>"}}, compress into one word:"<IMG_EMB>". Note: {{"title": "{t}"}}, compress:"'
+    rows = [
+        {
+            "query": {"text": prompt.format(t=f"note {i}"), "image": str(p)},
+            "positive": {"text": prompt.format(t=f"similar note {i}"), "image": str(imgs[(i + 1) % len(imgs)])},
+        }
+        for i, p in enumerate(imgs)
+    ]
+    data = tmp_path / "notes.jsonl"
+    data.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    common = {
+        "data.train": str(data),
+        "data.eval": "",
+        "data.num_negatives": 0,
+        "train.max_steps": 1,
+        "train.optimizer": "sgd",
+        "train.lr": 0.5,
+        "train.grad_clip": 0.0,
+        "model.fusion": '{type: late_fusion, micl_token: "<IMG_EMB>", micl_weight: 0.25}',
+    }
+    plain = run_train(train_overrides(demo_data, tmp_path / "plain", **common))
+    gc = run_train(train_overrides(demo_data, tmp_path / "gc", **common, **{"train.gradcache_chunk_size": 2}))
+    assert plain.returncode == 0 and gc.returncode == 0, (plain.stderr + gc.stderr)[-3000:]
+    row = json.loads((tmp_path / "plain" / "metrics.jsonl").read_text().splitlines()[0])
+    # without the token found, the visual rows fall back to the main ones and the two losses coincide exactly
+    assert np.isfinite(row["train/micl_loss"]) and abs(row["train/micl_loss"] - row["loss"]) > 1e-5
+    assert _losses(tmp_path / "gc") == pytest.approx(_losses(tmp_path / "plain"), abs=1e-5)
+    a, b = _weights(tmp_path / "plain"), _weights(tmp_path / "gc")
+    assert max(float((a[k] - b[k]).abs().max()) for k in a) <= 1e-5
