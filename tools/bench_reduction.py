@@ -147,6 +147,42 @@ def _sub(*args: str) -> dict | float | None:
     return json.loads(line[7:])
 
 
+def run_quality(model_dir: str, data: str) -> dict[str, float]:
+    """Held-out hit@1 (mean over tasks) of a trained model under each setting (training-free reduction, as AIM).
+
+    The saved config is rebuilt with the setting's reducer and the trained weights loaded (reducers have none).
+    """
+    import mmembed
+    from mmembed.build import build_from_cfg
+    from mmembed.config import model_cfg_from_dict
+    from mmembed.eval import evaluate, load_eval_sets, read_task_meta
+
+    base = mmembed.load(model_dir)
+    state = base.state_dict()
+    meta = json.loads((Path(model_dir) / "mmembed_config.json").read_text())["model"]
+    sets = load_eval_sets(data, placeholder=base.processor.placeholder, strict=False)
+    task_meta = read_task_meta(data)
+    out = {}
+    for name, overrides in settings(base.backbone.num_layers).items():
+        cfg_dict = {
+            **meta,
+            "backbone": {
+                **meta["backbone"],
+                "name": str(Path(model_dir) / "backbone"),
+                "tokenizer": str(Path(model_dir) / "tokenizer"),
+            },
+        }
+        cfg_dict["reducer"] = None
+        for o in overrides:  # "model.reducer={...}" -> the reducer slot
+            from omegaconf import OmegaConf
+
+            cfg_dict["reducer"] = OmegaConf.to_container(OmegaConf.from_dotlist([o]))["model"]["reducer"]
+        model = build_from_cfg(model_cfg_from_dict(cfg_dict)).eval()
+        model.load_state_dict(state, strict=True)
+        out[name] = evaluate(model, sets, batch_size=64, task_meta=task_meta)["overall"]
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--backbones", default="tiny,mid")
@@ -154,6 +190,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--timing", metavar="BACKBONE", help=argparse.SUPPRESS)
     ap.add_argument("--memory", nargs=2, metavar=("BACKBONE", "SETTING"), help=argparse.SUPPRESS)
+    ap.add_argument("--model-dir", help="a trained model (e.g. runs/demo/final) for the held-out hit@1 column")
+    ap.add_argument("--eval-data", default="data/demo/eval", help="its held-out eval set")
     args = ap.parse_args()
     if args.timing:
         print("RESULT " + json.dumps(run_timing(args.timing, args.batch, args.repeats)))
@@ -182,6 +220,14 @@ def main() -> None:
                 f"{mem or float('nan'):>11.0f}",
                 flush=True,
             )
+    if args.model_dir:
+        quality = run_quality(args.model_dir, args.eval_data)
+        print(
+            f"\nheld-out hit@1 (mean over tasks) of {args.model_dir} on {args.eval_data}, "
+            "reduction applied training-free:"
+        )
+        for name, v in quality.items():
+            print(f"  {name:18} {v:.3f}")
 
 
 if __name__ == "__main__":
