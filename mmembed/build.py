@@ -48,6 +48,8 @@ def build_model(
 
 
 def build_from_cfg(cfg: ModelCfg) -> EmbeddingModel:
+    if getattr(BACKBONES.get(cfg.backbone["type"]), "native", False):
+        return _build_native(cfg)
     backbone = instantiate(BACKBONES, cfg.backbone)
     placeholder_id = backbone.add_placeholder(cfg.image_placeholder)
     d = backbone.hidden_size
@@ -85,3 +87,28 @@ def build_from_cfg(cfg: ModelCfg) -> EmbeddingModel:
         max_images=cfg.max_images_per_input,
     )
     return EmbeddingModel(cfg, backbone, pooler, processor, vision, connector, reducer, fusion)
+
+
+def _build_native(cfg: ModelCfg) -> EmbeddingModel:
+    """A native VLM backbone (Qwen2-VL, LLaVA): its own vision tower, projector and HF processor.
+
+    The other visual slots are refused before the (possibly large) model is loaded."""
+    cls = BACKBONES.get(cfg.backbone["type"])
+    for slot in ("vision", "connector", "reducer", "fusion"):
+        if slot == "reducer" and cfg.reducer is not None and getattr(cls, "supports_merge", False):
+            reducer_cls = REDUCERS.get(cfg.reducer["type"])
+            if getattr(reducer_cls, "pre_llm", False) and not getattr(reducer_cls, "in_llm", False):
+                continue
+            raise ConfigError("model.reducer", f"backbone '{cfg.backbone['type']}' supports only pre-LLM merging")
+        if getattr(cfg, slot) is not None:
+            raise ConfigError(
+                f"model.{slot}",
+                f"backbone '{cfg.backbone['type']}' has its own vision tower and projector; model.{slot} is not "
+                "supported with it (leave it out)",
+            )
+    backbone = instantiate(BACKBONES, cfg.backbone)
+    pooler = instantiate(POOLERS, cfg.pooler, dim=backbone.hidden_size, num_layers=backbone.num_layers)
+    reducer = None
+    if cfg.reducer is not None:
+        reducer = instantiate(REDUCERS, cfg.reducer, dim=backbone.hidden_size, num_layers=backbone.num_layers)
+    return EmbeddingModel(cfg, backbone, pooler, backbone.make_processor(cfg), reducer=reducer)

@@ -5,6 +5,7 @@ mmembed_config.json   format_version, model config (every slot), preprocess, pro
 model.safetensors     full state dict, keys prefixed by slot (vision., connector., backbone., pooler., ...)
 backbone/             the HF config, so the backbone rebuilds with no hub access
 tokenizer/            the tokenizer with the image placeholder token
+processor/            native VLM backbones (Qwen2-VL, LLaVA): the HF processor (tokenizer + image processor)
 README.md             generated model card
 ```
 Weights are safetensors only; nothing is ever unpickled. The directory is written under a temporary
@@ -30,7 +31,7 @@ FORMAT_VERSION = 1
 CONFIG_NAME = "mmembed_config.json"
 WEIGHTS_NAME = "model.safetensors"
 _SLOTS = ("vision", "connector", "reducer", "pooler", "fusion")
-_LOCAL_KEYS = ("name", "tokenizer")  # backbone args that point into the model directory once saved
+_LOCAL_KEYS = ("name", "tokenizer", "processor")  # backbone args that point into the model directory once saved
 
 
 def library_versions() -> dict[str, str]:

@@ -201,25 +201,40 @@ class Processor:
 def split_batch(batch: dict[str, torch.Tensor], chunk_size: int) -> list[dict[str, torch.Tensor]]:
     """Split a processor batch into chunks of ``chunk_size`` rows (GradCache, eval).
 
-    Row tensors are sliced; ``pixel_values`` (N_img, 3, S, S) is sliced by the rows' image counts
-    (views, no copy). Columns that are padding in every row of a chunk are dropped, so each chunk is
-    padded only to its own longest row; positions come from ``cumsum(mask)`` and do not change.
+    Row tensors (B, L) are sliced; per-image tensors (``pixel_values`` (N_img, ...), ``image_grid_thw``
+    (N_img, 3), ``image_sizes`` (N_img, 2)) are sliced by the rows' image counts (views, no copy). Qwen2-VL's
+    flattened ``pixel_values`` (N_patches, C*T*P*P) is sliced by each image's patch count ``t*h*w`` from
+    ``image_grid_thw``. Columns that are padding in every row of a chunk are dropped, so each chunk is padded
+    only to its own longest row; positions come from the attention mask and do not change.
     """
     if chunk_size < 1:
         raise ValueError(f"chunk size must be >= 1, got {chunk_size}")
     n = batch["input_ids"].shape[0]
     img_offsets = torch.cat([torch.zeros(1, dtype=torch.long), batch["image_counts"].cumsum(0)])
+    grid = batch.get("image_grid_thw")
+    patch_offsets = None
+    if grid is not None:
+        patch_offsets = torch.cat([torch.zeros(1, dtype=torch.long), grid.prod(dim=-1).cumsum(0)])
+    per_image = ("image_counts", "pixel_values", "image_grid_thw", "image_sizes")
+    shape = tuple(batch["input_ids"].shape)
+    row_keys = [k for k, v in batch.items() if k not in per_image and tuple(v.shape) == shape]
     chunks = []
     for start in range(0, n, chunk_size):
         stop = min(start + chunk_size, n)
         mask = batch["attention_mask"][start:stop]
         cols = mask.any(dim=0).nonzero()
         lo, hi = (int(cols[0]), int(cols[-1]) + 1) if len(cols) else (0, mask.shape[1])
-        chunk = {k: batch[k][start:stop, lo:hi] for k in ("input_ids", "attention_mask", "pool_mask")}
+        chunk = {k: batch[k][start:stop, lo:hi] for k in row_keys}
         chunk["image_counts"] = batch["image_counts"][start:stop]
-        if "pixel_values" in batch:
-            a, b = int(img_offsets[start]), int(img_offsets[stop])
-            if b > a:
-                chunk["pixel_values"] = batch["pixel_values"][a:b]
+        a, b = int(img_offsets[start]), int(img_offsets[stop])
+        if b > a:
+            for key in ("image_grid_thw", "image_sizes"):
+                if key in batch:
+                    chunk[key] = batch[key][a:b]
+            if "pixel_values" in batch:
+                if patch_offsets is not None:
+                    chunk["pixel_values"] = batch["pixel_values"][int(patch_offsets[a]) : int(patch_offsets[b])]
+                else:
+                    chunk["pixel_values"] = batch["pixel_values"][a:b]
         chunks.append(chunk)
     return chunks

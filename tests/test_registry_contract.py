@@ -93,12 +93,23 @@ def test_contract(slot, name, i, tmp_path):
         layers = bb(bb.embed(ids), am, pos, all_layers=True)
         assert len(layers) == bb.num_layers and torch.allclose(layers[-1], out, atol=1e-5)
 
+        if getattr(bb, "native", False):  # native VLMs (qwen2_vl, llava): the HF model's own image path too
+            from mmembed.config import ModelCfg
+            from mmembed.data.sample import Side
+            from tests.conftest import make_image
+
+            batch = bb.make_processor(ModelCfg(backbone={"type": name}))(
+                [Side(text="a red circle", images=[make_image(0)]), Side(text="blue")]
+            )
+            assert int((batch["input_ids"] == ph).sum()) > 0, "the image token id must match the processor's"
+            hidden, _ = bb.forward_native(batch)
+            assert hidden.shape == (*batch["input_ids"].shape, bb.hidden_size) and torch.isfinite(hidden).all()
+
         def rebuild():
             export = bb.export(tmp_path)
             export = {
                 **export,
-                "name": str(tmp_path / export["name"]),
-                "tokenizer": str(tmp_path / export["tokenizer"]),
+                **{k: str(tmp_path / export[k]) for k in ("name", "tokenizer", "processor") if k in export},
             }
             other = instantiate(ALL[slot], {"type": name, **export})
             assert other.add_placeholder("<image>") == ph

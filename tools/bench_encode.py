@@ -7,11 +7,19 @@ plain/encode should stay >= 0.95 on a model big enough that compute dominates.
 
     python tools/bench_encode.py                      # a ViT-S/16 + 8-layer 512-wide Qwen2, random init
     python tools/bench_encode.py --recipe recipes/tiny/composed.yaml --n 64
+
+Native VLM recipes (``qwen2_vl``, ``llava`` backbones) compare ``model.encode`` with a plain transformers forward
+(the HF processor + ``Model.model(**inputs)``, last token, normalize) of the same model and batch, and with
+``--merge R`` also ``model.encode`` with token merging (keep ratio R per image, Qwen2-VL). ``--random-init``
+builds the recipe's architecture from a built-in copy of its HF config (no download) with the offline processor:
+
+    python tools/bench_encode.py --recipe recipes/vlm2vec/qwen2vl_2b.yaml --random-init --merge 0.25 --device cuda
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import time
 
@@ -31,6 +39,91 @@ MID_OVERRIDES = [
     "model.backbone.config.num_key_value_heads=4",
     "model.max_length=256",
 ]
+
+
+_QWEN2VL_VISION = {"depth": 32, "embed_dim": 1280, "num_heads": 16, "mlp_ratio": 4, "patch_size": 14}
+_QWEN_IDS = {"image_token_id": 400, "vision_start_token_id": 401, "vision_end_token_id": 402, "video_token_id": 403}
+
+
+def _qwen2vl(hidden: int, inter: int, heads: int, kv: int) -> dict:
+    text = {
+        "hidden_size": hidden,
+        "intermediate_size": inter,
+        "num_hidden_layers": 28,
+        "num_attention_heads": heads,
+        "num_key_value_heads": kv,
+        "vocab_size": 151936,
+        "max_position_embeddings": 32768,
+        "rope_parameters": {"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [16, 24, 24]},
+    }
+    vision = {**_QWEN2VL_VISION, "hidden_size": hidden, "spatial_merge_size": 2, "temporal_patch_size": 2}
+    tied = {"tie_word_embeddings": hidden < 2048}  # the 2B ties its LM head (no effect on the base model used here)
+    return {"model_type": "qwen2_vl", **_QWEN_IDS, **tied, "text_config": text, "vision_config": vision}
+
+
+#: architectures of the hub checkpoints the vlm2vec recipes name (their HF config.json), for --random-init;
+#: special-token ids are those of the offline tiny processor.
+RANDOM_INIT = {
+    "Qwen/Qwen2-VL-2B-Instruct": _qwen2vl(1536, 8960, 12, 2),
+    "Qwen/Qwen2-VL-7B-Instruct": _qwen2vl(3584, 18944, 28, 4),
+    "llava-hf/llava-v1.6-mistral-7b-hf": {
+        "model_type": "llava_next",
+        "image_token_id": 400,
+        "vision_feature_select_strategy": "default",
+        "vision_feature_layer": -2,
+        "image_seq_length": 576,
+        "image_grid_pinpoints": [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]],
+        "vision_config": {
+            "model_type": "clip_vision_model",
+            "hidden_size": 1024,
+            "intermediate_size": 4096,
+            "num_hidden_layers": 24,
+            "num_attention_heads": 16,
+            "image_size": 336,
+            "patch_size": 14,
+            "projection_dim": 768,
+        },
+        "text_config": {
+            "model_type": "mistral",
+            "hidden_size": 4096,
+            "intermediate_size": 14336,
+            "num_hidden_layers": 32,
+            "num_attention_heads": 32,
+            "num_key_value_heads": 8,
+            "vocab_size": 32064,
+            "max_position_embeddings": 32768,
+        },
+    },
+}
+
+
+def native_overrides(recipe: str, random_init: bool, dtype: str | None) -> list[str]:
+    """Overrides for a native VLM recipe: the built-in architecture and the offline processor (no download)."""
+    from mmembed.config import load_recipe
+
+    out = [f"model.backbone.dtype={dtype}"] if dtype else []
+    if random_init:
+        name = load_recipe(recipe).model.backbone.get("name")
+        if name not in RANDOM_INIT:
+            raise SystemExit(f"--random-init knows {', '.join(RANDOM_INIT)}; the recipe names {name!r}")
+        out += ["model.backbone.name=null", f"model.backbone.config={json.dumps(RANDOM_INIT[name])}"]
+        out += ["model.backbone.processor=tiny"]
+    return out
+
+
+def plain_native(model, texts, images, instruction: str) -> torch.Tensor:
+    """A plain transformers forward: HF processor on hand-written strings, ``Model.model``, last token, normalize."""
+    bb = model.backbone
+    tok = bb.tokenizer
+    side = model.processor.padding_side
+    strings = [f"{bb.image_text}{instruction} {t}{tok.eos_token}" for t in texts]
+    inputs = bb.hf_processor(text=strings, images=list(images), padding=True, padding_side=side, return_tensors="pt")
+    inputs = {k: v.to(model.device) for k, v in inputs.items()}
+    inputs["pixel_values"] = inputs["pixel_values"].to(next(bb.model.parameters()).dtype)
+    hidden = bb.model(**inputs, use_cache=False).last_hidden_state
+    mask = inputs["attention_mask"]
+    last = torch.full_like(mask[:, 0], mask.shape[1] - 1) if side == "left" else mask.sum(1) - 1
+    return F.normalize(hidden[torch.arange(len(texts), device=hidden.device), last].float(), dim=-1).cpu()
 
 
 def plain_forward(model, texts, images, instruction: str) -> torch.Tensor:
@@ -65,43 +158,84 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
+    ap.add_argument("--random-init", action="store_true", help="native VLM recipes: built-in architecture, no download")
+    ap.add_argument("--merge", type=float, default=0.0, help="native Qwen2-VL: also time token merging at this ratio")
+    ap.add_argument("--dtype", help="native VLM recipes: override model.backbone.dtype (float32 / bfloat16)")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--image-size", type=int, default=448, help="native VLM recipes: input image side in pixels")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    model = mmembed.build_model(args.recipe, [] if args.tiny else MID_OVERRIDES).eval()
-    size = model.vision.image_size
+    from mmembed.config import load_recipe
+    from mmembed.registry import BACKBONES
+
+    native = getattr(BACKBONES.get(load_recipe(args.recipe).model.backbone["type"]), "native", False)
+    if native:
+        overrides = native_overrides(args.recipe, args.random_init, args.dtype)
+    else:
+        overrides = [] if args.tiny else MID_OVERRIDES
+    model = mmembed.build_model(args.recipe, overrides).eval().to(args.device)
+    size = args.image_size if native else model.vision.image_size
     rng = np.random.default_rng(0)
     images = [Image.fromarray(rng.integers(0, 255, (size + 17, size + 5, 3), dtype=np.uint8)) for _ in range(args.n)]
     texts = [f"a photo of object number {i} in a scene with several things" for i in range(args.n)]
     instruction = "Represent the given image with the following question:"
     bs = args.batch_size
+    plain_fn = plain_native if native else plain_forward
 
     def run_plain() -> np.ndarray:
         with torch.inference_mode():
             starts = range(0, args.n, bs)
-            outs = [plain_forward(model, texts[s : s + bs], images[s : s + bs], instruction) for s in starts]
+            outs = [plain_fn(model, texts[s : s + bs], images[s : s + bs], instruction) for s in starts]
         return torch.cat(outs).numpy()
 
     def run_encode() -> np.ndarray:
         return model.encode(texts=texts, images=images, instruction=instruction, batch_size=bs, show_progress_bar=False)
 
+    def run_merged() -> np.ndarray:
+        model.reducer = reducer
+        try:
+            return run_encode()
+        finally:
+            model.reducer = None
+
+    runs = {"plain": run_plain, "encode": run_encode}
+    reducer = None
+    if args.merge:
+        from mmembed.build import instantiate
+        from mmembed.registry import REDUCERS
+
+        if not getattr(model.backbone, "supports_merge", False):
+            raise SystemExit("--merge needs a backbone with token merging (qwen2_vl)")
+        spec = {"type": "merge", "keep_ratio": args.merge}
+        reducer = instantiate(REDUCERS, spec, dim=model.backbone.hidden_size, num_layers=model.backbone.num_layers)
+        runs["encode+merge"] = run_merged
+        run_merged()  # warm-up
     diff = np.abs(run_plain() - run_encode()).max()  # also warms up both paths
-    times: dict[str, list[float]] = {"plain": [], "encode": []}
+    times: dict[str, list[float]] = {k: [] for k in runs}
     for _ in range(args.repeats):
-        for name, fn in (("plain", run_plain), ("encode", run_encode)):
+        for name, fn in runs.items():
+            if args.device.startswith("cuda"):
+                torch.cuda.synchronize()
             t0 = time.perf_counter()
             fn()
+            if args.device.startswith("cuda"):
+                torch.cuda.synchronize()
             times[name].append(time.perf_counter() - t0)
-    plain, enc = statistics.median(times["plain"]), statistics.median(times["encode"])
+    med = {k: statistics.median(v) for k, v in times.items()}
     params = sum(p.numel() for p in model.parameters()) / 1e6
+    dtype = next(model.parameters()).dtype
+    device = torch.cuda.get_device_name() if args.device.startswith("cuda") else "CPU"
     print(
-        f"model {params:.1f}M params, {model.processor.image_tokens} visual tokens/image, {args.n} rows, "
-        f"batch {bs}, {args.threads} threads, fp32 CPU"
+        f"model {params:.1f}M params, {model.processor.image_tokens} visual tokens/image (max), {args.n} rows, "
+        f"batch {bs}, {args.threads} threads, {dtype}, {device}"
     )
     print(f"max |plain - encode| = {diff:.2e}")
-    print(f"plain forward : {args.n / plain:8.2f} rows/s (median of {args.repeats})")
-    print(f"model.encode  : {args.n / enc:8.2f} rows/s")
-    print(f"overhead ratio (plain time / encode time) = {plain / enc:.3f}  (target >= 0.95)")
+    print(f"plain forward : {args.n / med['plain']:8.2f} rows/s (median of {args.repeats})")
+    print(f"model.encode  : {args.n / med['encode']:8.2f} rows/s")
+    if "encode+merge" in med:
+        print(f"encode + merge (keep {args.merge}): {args.n / med['encode+merge']:8.2f} rows/s")
+    print(f"overhead ratio (plain time / encode time) = {med['plain'] / med['encode']:.3f}  (target >= 0.95)")
 
 
 if __name__ == "__main__":

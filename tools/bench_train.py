@@ -65,7 +65,9 @@ def main() -> None:
         from mmembed.data.synthetic import generate
 
         generate(data, n_train=600, n_eval=12, image_size=112)
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    # Large blocks straight from mmap and back to the OS on free, so the process RSS follows live memory and
+    # the per-step RSS peak measures activations (glibc would otherwise keep freed blocks and hide them).
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0"}
     common = [
         f"data.train={data / 'train.yaml'}",
         "data.num_negatives=1",

@@ -1,0 +1,347 @@
+"""Shared machinery for native VLM backbones: the transformers model keeps its own vision tower and projector.
+
+A native backbone (``native = True``) owns the whole HF base model (``Qwen2VLModel``, ``LlavaModel``: vision
+tower + projector + LLM, no LM head) and its HF processor. mmembed's :class:`NativeProcessor` turns
+:class:`~mmembed.data.sample.Side` rows into exactly what the HF processor would give for the VLM2Vec layout
+(``<image tokens> instruction text``, ANCHORS.md §1.3), and :meth:`NativeVLM.forward_native` runs the HF
+model's own forward on it (ALGORITHMS.md §8: the HF hook points; Qwen2-VL computes its M-RoPE positions from
+``input_ids``, ``attention_mask`` and ``image_grid_thw`` itself). The pooler, fusion and projection of
+:class:`~mmembed.model.EmbeddingModel` then apply as for any backbone.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mmembed.backbones.base import Backbone
+from mmembed.data.sample import Side
+from mmembed.images import DEFAULT_MAX_PIXELS, ImageError, load_image
+from mmembed.processing import InputError
+
+__all__ = ["NativeVLM", "NativeProcessor", "DTYPES", "VLM2VEC_LORA_TARGETS"]
+
+log = logging.getLogger(__name__)
+
+#: VLM2Vec's LoRA targets, matched by module-name suffix (ANCHORS.md §1.8). They hit every LLM projection; in the
+#: vision tower they hit CLIP/SigLIP attention (q/k/v/out_proj, LLaVA) and the Qwen2.5-VL ViT MLP, not the Qwen2-VL
+#: ViT (qkv, proj, fc1/fc2) nor any projector/merger.
+VLM2VEC_LORA_TARGETS = [
+    "qkv_proj",
+    "o_proj",
+    "gate_up_proj",
+    "down_proj",
+    "k_proj",
+    "q_proj",
+    "out_proj",
+    "v_proj",
+    "gate_proj",
+    "up_proj",
+]
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class NativeProcessor:
+    """:class:`~mmembed.data.sample.Side` rows -> the HF processor's batch for a native VLM.
+
+    Each mmembed placeholder (``<image>``) becomes the model's own image text (``image_text``: Qwen2-VL's
+    ``<|vision_start|><|image_pad|><|vision_end|>``, LLaVA's ``<image>``); the HF processor then expands it to
+    the per-image token count (which varies per image for Qwen2-VL's dynamic resolution).
+
+    Args:
+        hf_processor: a transformers processor (``Qwen2VLProcessor``, ``LlavaProcessor``, ...).
+        image_text: the text the HF processor expects per image.
+        image_token_id: the model's image token id (``config.image_token_id``).
+        placeholder: mmembed's placeholder in texts.
+        image_tokens: visual tokens per image, an estimate for length grouping (exact for LLaVA).
+        padding_side: ``left`` (VLM2Vec's Qwen2-VL setting) or ``right``.
+        add_eos: append the tokenizer's EOS so last-token pooling reads it.
+        max_pixels: refuse larger images before decoding (decompression-bomb guard, not the resize budget).
+        max_images: most images in one row.
+        max_length: only feeds the length estimate: texts are not truncated here (cutting inside the HF
+            processor's expanded image runs would break them); keep inputs within the model's context.
+    """
+
+    transform = None  # no mmembed image transform: the HF image processor resizes and normalizes
+
+    def __init__(
+        self,
+        hf_processor: Any,
+        image_text: str,
+        image_token_id: int,
+        placeholder: str = "<image>",
+        image_tokens: int = 0,
+        padding_side: str = "left",
+        add_eos: bool = True,
+        max_pixels: int = DEFAULT_MAX_PIXELS,
+        max_images: int = 8,
+        max_length: int = 512,
+    ) -> None:
+        self.hf_processor = hf_processor
+        self.tokenizer = hf_processor.tokenizer
+        self.image_text = image_text
+        self.placeholder = placeholder
+        self.placeholder_id = int(image_token_id)
+        self.image_tokens = int(image_tokens)
+        self.padding_side = padding_side
+        self.max_pixels = int(max_pixels)
+        self.max_images = int(max_images)
+        self.max_length = int(max_length)  # text budget, used only by the length estimate (never truncates)
+        eos = self.tokenizer.eos_token
+        self.suffix = eos if add_eos and eos is not None else ""
+
+    def length(self, side: Side) -> int:
+        """Cheap length estimate in tokens (for grouping by length; no tokenization)."""
+        chars = len(side.text or "") + len(side.instruction or "")
+        return chars // 3 + len(side.images) * self.image_tokens + 1
+
+    def text(self, side: Side, row: Any) -> str:
+        """The HF processor's text for one row: leading images, then ``instruction text`` (VLM2Vec layout)."""
+        if side.text is None and not side.images and not side.instruction:
+            raise InputError(f"row {row}: empty input (no text, no image, no instruction)")
+        text, n_img = side.text or "", len(side.images)
+        if n_img > self.max_images:
+            raise InputError(f"row {row}: {n_img} images, more than max_images_per_input={self.max_images}")
+        count = text.count(self.placeholder)
+        if count == 0 and n_img:
+            text, count = self.placeholder * n_img + text, n_img
+        if count != n_img:
+            raise InputError(
+                f"row {row}: the text has {count} image placeholder(s) '{self.placeholder}' but {n_img} image(s) given"
+            )
+        if self.image_text != self.placeholder and self.image_text in text:
+            raise InputError(f"row {row}: the text contains the model's own image text {self.image_text!r}")
+        lead, rest = 0, text.lstrip()
+        while rest.startswith(self.placeholder):
+            lead, rest = lead + 1, rest[len(self.placeholder) :].lstrip()
+        if lead == 0:
+            rest = text
+        instruction = (side.instruction or "").strip()
+        if instruction:
+            rest = instruction + (" " + rest if rest else "")
+        return self.image_text * lead + rest.replace(self.placeholder, self.image_text) + self.suffix
+
+    def load_images(self, sides: Sequence[Side], rows: Sequence[Any]) -> list[Any]:
+        out = []
+        for side, row in zip(sides, rows):
+            for img in side.images:
+                shown = img if isinstance(img, (str, os.PathLike)) else f"<{type(img).__name__}>"
+                try:
+                    out.append(load_image(img, self.max_pixels, name=f"row {row}: image {shown}"))
+                except ImageError as e:
+                    raise InputError(str(e)) from None
+        return out
+
+    def __call__(self, sides: Sequence[Side], rows: Sequence[Any] | None = None) -> dict[str, torch.Tensor]:
+        """Collate rows into the HF processor's batch plus mmembed's keys.
+
+        Returns:
+            the HF processor's tensors (``input_ids`` (B, L), ``attention_mask`` (B, L), and with images
+            ``pixel_values``: (N_patches, C*T*P*P) with ``image_grid_thw`` (N_img, 3) for Qwen2-VL,
+            (N_img, 3, S, S) for LLaVA), plus ``pool_mask`` (B, L) (= attention mask) and ``image_counts`` (B,).
+        """
+        rows = list(rows) if rows is not None else list(range(len(sides)))
+        texts = [self.text(s, r) for s, r in zip(sides, rows)]
+        images = self.load_images(sides, rows)
+        enc = self.hf_processor(
+            text=texts,
+            images=images or None,
+            padding=True,
+            padding_side=self.padding_side,
+            return_tensors="pt",
+        )
+        out = {k: v for k, v in enc.items() if isinstance(v, torch.Tensor)}
+        out["attention_mask"] = out["attention_mask"].long()
+        out["pool_mask"] = out["attention_mask"].clone()
+        out["image_counts"] = torch.tensor([len(s.images) for s in sides], dtype=torch.long)
+        return out
+
+
+class NativeVLM(Backbone):
+    """Base class of native VLM backbones; subclasses set ``image_text`` / ``model_keys`` and build the model and
+    processor in ``__init__`` (then call :meth:`_setup`), see qwen2_vl.py and llava.py.
+
+    ``self.model`` is the HF base model (no LM head); LoRA (``train.lora``) wraps it with peft and the wrapped
+    model is called the same way. ``forward`` (text-only ``inputs_embeds`` through the language model) keeps
+    the generic backbone contract; embedding models call :meth:`forward_native`.
+    """
+
+    native = True
+    supports_merge = False  # a pre-LLM token reducer (``merge``) between the vision tower and the LLM
+    image_text: str = "<image>"
+    #: HF model inputs taken from a processor batch
+    model_keys: tuple[str, ...] = ("input_ids", "attention_mask", "pixel_values")
+
+    def _setup(self, model: Any, processor: Any, add_eos: bool, dtype: str, source: str) -> None:
+        self.model = model
+        self.hf_processor = processor
+        self.tokenizer = processor.tokenizer
+        if self.tokenizer.pad_token_id is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token or self.tokenizer.unk_token
+        text_cfg = model.config.get_text_config()
+        self.hidden_size = int(text_cfg.hidden_size)
+        self.num_layers = int(text_cfg.num_hidden_layers)
+        self.add_eos = add_eos and self.tokenizer.eos_token_id is not None
+        self._dtype_name = dtype
+        self.image_token_id = self._check_image_token(source)
+
+    def _check_image_token(self, source: str) -> int:
+        """The model's image token id; a processor whose tokenizer maps the image token elsewhere is refused."""
+        from mmembed.config import ConfigError
+
+        token = getattr(self.hf_processor, "image_token", None) or self.image_token
+        model_id = int(self.model.config.image_token_id)
+        tok_id = self.tokenizer.convert_tokens_to_ids(token)
+        if tok_id is None or int(tok_id) != model_id:
+            raise ConfigError(
+                "model.backbone.config.image_token_id",
+                f"the model's image_token_id is {model_id} but the processor's tokenizer ({source}) maps "
+                f"{token!r} to {tok_id}: processor and model do not match",
+            )
+        return model_id
+
+    @property
+    def image_token(self) -> str:
+        return self.image_text
+
+    def model_dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
+
+    def make_processor(self, cfg: Any) -> NativeProcessor:
+        """The processor an :class:`~mmembed.model.EmbeddingModel` uses with this backbone."""
+        return NativeProcessor(
+            self.hf_processor,
+            image_text=self.image_text,
+            image_token_id=self.image_token_id,
+            placeholder=cfg.image_placeholder,
+            image_tokens=self.tokens_per_image(),
+            padding_side=cfg.padding_side,
+            add_eos=self.add_eos,
+            max_pixels=cfg.max_pixels,
+            max_images=cfg.max_images_per_input,
+            max_length=cfg.max_length,
+        )
+
+    def tokens_per_image(self) -> int:
+        """Visual tokens per image (an upper bound where it varies per image)."""
+        raise NotImplementedError
+
+    def language_model(self) -> Any:
+        base = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+        return base.language_model
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.model.get_input_embeddings()(input_ids)
+
+    def forward(
+        self,
+        inputs_embeds: torch.Tensor,
+        attention_mask: torch.Tensor,
+        position_ids: torch.Tensor,
+        all_layers: bool = False,
+    ) -> torch.Tensor | tuple[torch.Tensor, ...]:
+        """Text-only path: (B, L, d) embeddings through the language model with (B, L) positions."""
+        out = self.language_model()(
+            inputs_embeds=inputs_embeds,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            output_hidden_states=all_layers,
+            use_cache=False,
+        )
+        return tuple(out.hidden_states[1:]) if all_layers else out.last_hidden_state
+
+    def forward_native(
+        self, batch: dict[str, torch.Tensor], all_layers: bool = False, reducer: Any = None, uniform: bool = False
+    ) -> tuple[torch.Tensor | tuple[torch.Tensor, ...], torch.Tensor]:
+        """A :class:`NativeProcessor` batch through the HF model's own forward.
+
+        Returns the last hidden state (B, L, d) (after the final norm), or every layer's output, and the
+        attention mask (B, L) the hidden states align with (``batch['attention_mask']`` unless tokens were merged).
+        ``uniform``: on a text-only batch, run the vision tower on one blank image and add it times 0, so every
+        rank and GradCache chunk runs the same modules (ZeRO-2/3 and DDP need it; LLaVA does the same).
+        """
+        if reducer is not None:
+            raise NotImplementedError(f"{type(self).__name__} does not support a token reducer")
+        kwargs = {k: batch[k] for k in self.model_keys if k in batch and batch[k] is not None}
+        text_only = "pixel_values" not in kwargs or kwargs["pixel_values"].shape[0] == 0
+        if text_only:
+            kwargs.pop("pixel_values", None)
+        else:
+            kwargs["pixel_values"] = kwargs["pixel_values"].to(self.model_dtype())
+        out = self.model(**kwargs, output_hidden_states=all_layers, use_cache=False)
+        hidden = tuple(out.hidden_states[1:]) if all_layers else out.last_hidden_state
+        if uniform and text_only:
+            zero = 0.0 * self.blank_visual()
+            hidden = (*hidden[:-1], hidden[-1] + zero.to(hidden[-1].dtype)) if all_layers else hidden + zero
+        return hidden, batch["attention_mask"]
+
+    def blank_visual(self) -> torch.Tensor:
+        """Sum of the vision tower + projector output on one blank 64 px image (a scalar)."""
+        from PIL import Image
+
+        base = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+        if getattr(self, "_blank", None) is None:
+            enc = self.hf_processor.image_processor(images=[Image.new("RGB", (64, 64))], return_tensors="pt")
+            self._blank = {k: v for k, v in enc.items() if k in ("pixel_values", "image_grid_thw", "image_sizes")}
+        device = next(base.parameters()).device
+        kw = {k: v.to(device) for k, v in self._blank.items()}
+        kw["pixel_values"] = kw["pixel_values"].to(self.model_dtype())
+        feats = base.get_image_features(**kw, return_dict=True).pooler_output
+        return sum(f.sum() for f in feats) if isinstance(feats, (list, tuple)) else feats.sum()
+
+    def add_placeholder(self, token: str) -> int:
+        """Native models keep their own image token; mmembed's placeholder is rewritten by the processor."""
+        return self.image_token_id
+
+    def gradient_checkpointing_enable(self) -> None:
+        self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+    def export(self, directory: Path) -> dict[str, Any]:
+        """Write ``backbone/`` (the HF config) and ``processor/`` (tokenizer + image processor)."""
+        directory = Path(directory)
+        self.model.config.save_pretrained(directory / "backbone")
+        self.hf_processor.save_pretrained(directory / "processor")
+        args = dict(getattr(self, "init_args", {}))
+        args.pop("config", None)
+        args.update(name="backbone", processor="processor", pretrained=False)
+        return args
+
+
+def load_hf_processor(spec: str) -> Any:
+    from transformers import AutoProcessor
+
+    return AutoProcessor.from_pretrained(spec)
+
+
+def from_config_or_name(
+    cls_name: str, name: str | None, config: dict[str, Any] | None, pretrained: bool, dtype: str, attn: str
+) -> Any:
+    """The HF base model (``<ForConditionalGeneration>.model``): from a config dict, or a hub id / directory.
+
+    Loading through the ``ForConditionalGeneration`` class applies transformers' checkpoint key mapping (hub
+    checkpoints store ``model.layers...`` / ``visual...``); the LM head is dropped.
+    """
+    import transformers
+
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    cls = getattr(transformers, cls_name)
+    kw = {"dtype": DTYPES[dtype], "attn_implementation": attn}
+    if config is not None:
+        cfg_dict = dict(config)
+        cfg_dict.pop("model_type", None)
+        full = cls._from_config(cls.config_class(**cfg_dict), **kw)
+    elif name:
+        if pretrained:
+            full = cls.from_pretrained(name, **kw)
+        else:
+            full = cls._from_config(transformers.AutoConfig.from_pretrained(name), **kw)
+    else:
+        raise ValueError("needs 'name' (hub id or directory) or 'config'")
+    return full.model

@@ -1,0 +1,63 @@
+"""Tiny HF VLM checkpoints saved offline in the hub layout (config + weights + processor), and a recipe runner."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[2]
+
+FAMILIES = ("qwen2_vl", "qwen2_5_vl", "llava", "llava_next")
+
+
+def tiny_hf(family: str, seed: int = 0):
+    """(HF ForConditionalGeneration in eval mode, its processor, mmembed backbone type) for ``family``."""
+    import transformers
+
+    from mmembed.backbones.llava import TINY_LLAVA_CONFIG, TINY_LLAVA_NEXT_CONFIG, build_tiny_llava_processor
+    from mmembed.backbones.qwen2_vl import TINY_QWEN2VL_CONFIG, TINY_QWEN25VL_CONFIG, build_tiny_qwen2vl_processor
+
+    cfg, cls_name = {
+        "qwen2_vl": (TINY_QWEN2VL_CONFIG, "Qwen2VLForConditionalGeneration"),
+        "qwen2_5_vl": (TINY_QWEN25VL_CONFIG, "Qwen2_5_VLForConditionalGeneration"),
+        "llava": (TINY_LLAVA_CONFIG, "LlavaForConditionalGeneration"),
+        "llava_next": (TINY_LLAVA_NEXT_CONFIG, "LlavaNextForConditionalGeneration"),
+    }[family]
+    cls = getattr(transformers, cls_name)
+    args = {k: v for k, v in cfg.items() if k != "model_type"}
+    torch.manual_seed(seed)
+    model = cls._from_config(cls.config_class(**args), attn_implementation="sdpa").eval()
+    if family.startswith("qwen"):
+        proc = build_tiny_qwen2vl_processor()
+        return model, proc, "qwen2_vl"
+    pins = cfg.get("image_grid_pinpoints")
+    return model, build_tiny_llava_processor(pinpoints=pins), "llava"
+
+
+@pytest.fixture(scope="session")
+def hf_checkpoint(tmp_path_factory):
+    """family -> (directory holding a tiny HF checkpoint + processor, the HF model, the processor)."""
+    cache: dict[str, tuple[Path, object, object]] = {}
+
+    def get(family: str):
+        if family not in cache:
+            model, proc, _ = tiny_hf(family)
+            path = tmp_path_factory.mktemp(family)
+            model.save_pretrained(path)
+            proc.save_pretrained(path)
+            cache[family] = (path, model, proc)
+        return cache[family]
+
+    return get
+
+
+def run_recipe(recipe: str, overrides: list[str], timeout: int = 300) -> subprocess.CompletedProcess:
+    """``python -m mmembed.train RECIPE overrides`` in a subprocess (offline)."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    cmd = [sys.executable, "-m", "mmembed.train", str(ROOT / recipe), *overrides]
+    return subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=timeout)
