@@ -132,9 +132,8 @@ def plain_forward(model, texts, images, instruction: str) -> torch.Tensor:
     n_img = model.processor.image_tokens
     ph = model.processor.placeholder_id
     pixels = torch.stack([model.vision.transform(img) for img in images])
-    prefix = tok([instruction + " "] * len(texts), add_special_tokens=False)["input_ids"]
-    body = tok(list(texts), add_special_tokens=False)["input_ids"]
-    rows = [p + [ph] * n_img + b + [tok.eos_token_id] for p, b in zip(prefix, body)]
+    body = tok([f"{instruction} {t}" for t in texts], add_special_tokens=False)["input_ids"]
+    rows = [[ph] * n_img + b + [tok.eos_token_id] for b in body]  # VLM2Vec layout: image, instruction, text
     length = max(len(r) for r in rows)
     ids = torch.full((len(rows), length), tok.pad_token_id)
     mask = torch.zeros(len(rows), length, dtype=torch.long)
