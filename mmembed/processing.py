@@ -18,7 +18,7 @@ import torch
 from mmembed.data.sample import Side
 from mmembed.images import DEFAULT_MAX_PIXELS, ImageError, ImageTransform, load_image
 
-__all__ = ["Processor", "InputError"]
+__all__ = ["Processor", "InputError", "layout_side", "split_batch"]
 
 log = logging.getLogger(__name__)
 
@@ -80,34 +80,10 @@ class Processor:
         return chars // 3 + len(side.images) * self.image_tokens + len(self.prefix_ids) + len(self.suffix_ids)
 
     def _layout(self, side: Side, row: Any) -> tuple[int, int, list[str]]:
-        """(leading images, instruction length in characters, text chunks between the other images).
-
-        The layout is VLM2Vec's ``<image> instruction text`` (ANCHORS.md §1.3): images at the start of
-        the text (or all images, when the text has no placeholder) come first, then the instruction and
-        the text as one string, so an instruction given in its own field and the same words inline in
-        the text (MMEB-train's ``qry``) tokenize to the same ids.
-        """
-        if side.text is None and not side.images and not side.instruction:
-            raise InputError(f"row {row}: empty input (no text, no image, no instruction)")
-        text = side.text or ""
-        n_img = len(side.images)
-        if n_img > self.max_images:
-            raise InputError(f"row {row}: {n_img} images, more than max_images_per_input={self.max_images}")
-        count = text.count(self.placeholder)
-        if count == 0 and n_img:
-            text, count = self.placeholder * n_img + text, n_img
-        if count != n_img:
-            raise InputError(
-                f"row {row}: the text has {count} image placeholder(s) '{self.placeholder}' but {n_img} image(s) given"
-            )
-        if n_img and self.transform is None:
+        """(leading images, instruction length in characters, text chunks between the other images)."""
+        lead, instruction, rest = layout_side(side, row, self.placeholder, self.max_images)
+        if side.images and self.transform is None:
             raise InputError(f"row {row}: images given but the model has no vision encoder")
-        lead, rest = 0, text.lstrip()
-        while rest.startswith(self.placeholder):
-            lead, rest = lead + 1, rest[len(self.placeholder) :].lstrip()
-        if lead == 0:
-            rest = text
-        instruction = (side.instruction or "").strip()
         chunks = rest.split(self.placeholder)
         if instruction:
             chunks[0] = instruction + (" " + chunks[0] if chunks[0] else "")
@@ -238,3 +214,36 @@ def split_batch(batch: dict[str, torch.Tensor], chunk_size: int) -> list[dict[st
                     chunk["pixel_values"] = batch["pixel_values"][a:b]
         chunks.append(chunk)
     return chunks
+
+
+def layout_side(side: Side, row: Any, placeholder: str, max_images: int) -> tuple[int, str, str]:
+    """Check one row and lay it out as VLM2Vec does, ``<image> instruction text`` (ANCHORS.md §1.3).
+
+    Images at the start of the text (or all images, when the text has no placeholder) come first, then
+    the instruction and the text, so an instruction given in its own field and the same words inline in
+    the text (MMEB-train's ``qry``) give the same sequence.
+
+    Returns:
+        (number of leading images, the stripped instruction, the rest of the text with its placeholders).
+
+    Raises:
+        InputError: an empty row, too many images, or placeholders that do not match the images (names the row).
+    """
+    if side.text is None and not side.images and not side.instruction:
+        raise InputError(f"row {row}: empty input (no text, no image, no instruction)")
+    text, n_img = side.text or "", len(side.images)
+    if n_img > max_images:
+        raise InputError(f"row {row}: {n_img} images, more than max_images_per_input={max_images}")
+    count = text.count(placeholder)
+    if count == 0 and n_img:
+        text, count = placeholder * n_img + text, n_img
+    if count != n_img:
+        raise InputError(
+            f"row {row}: the text has {count} image placeholder(s) '{placeholder}' but {n_img} image(s) given"
+        )
+    lead, rest = 0, text.lstrip()
+    while rest.startswith(placeholder):
+        lead, rest = lead + 1, rest[len(placeholder) :].lstrip()
+    if lead == 0:
+        rest = text
+    return lead, (side.instruction or "").strip(), rest

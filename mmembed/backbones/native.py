@@ -22,7 +22,7 @@ import torch
 from mmembed.backbones.base import Backbone
 from mmembed.data.sample import Side
 from mmembed.images import DEFAULT_MAX_PIXELS, ImageError, load_image
-from mmembed.processing import InputError
+from mmembed.processing import InputError, layout_side
 
 __all__ = ["NativeVLM", "NativeProcessor", "DTYPES", "VLM2VEC_LORA_TARGETS"]
 
@@ -103,26 +103,9 @@ class NativeProcessor:
 
     def text(self, side: Side, row: Any) -> str:
         """The HF processor's text for one row: leading images, then ``instruction text`` (VLM2Vec layout)."""
-        if side.text is None and not side.images and not side.instruction:
-            raise InputError(f"row {row}: empty input (no text, no image, no instruction)")
-        text, n_img = side.text or "", len(side.images)
-        if n_img > self.max_images:
-            raise InputError(f"row {row}: {n_img} images, more than max_images_per_input={self.max_images}")
-        count = text.count(self.placeholder)
-        if count == 0 and n_img:
-            text, count = self.placeholder * n_img + text, n_img
-        if count != n_img:
-            raise InputError(
-                f"row {row}: the text has {count} image placeholder(s) '{self.placeholder}' but {n_img} image(s) given"
-            )
-        if self.image_text != self.placeholder and self.image_text in text:
+        lead, instruction, rest = layout_side(side, row, self.placeholder, self.max_images)
+        if self.image_text != self.placeholder and self.image_text in rest:
             raise InputError(f"row {row}: the text contains the model's own image text {self.image_text!r}")
-        lead, rest = 0, text.lstrip()
-        while rest.startswith(self.placeholder):
-            lead, rest = lead + 1, rest[len(self.placeholder) :].lstrip()
-        if lead == 0:
-            rest = text
-        instruction = (side.instruction or "").strip()
         if instruction:
             rest = instruction + (" " + rest if rest else "")
         return self.image_text * lead + rest.replace(self.placeholder, self.image_text) + self.suffix
