@@ -53,6 +53,22 @@ class Backbone(nn.Module):
         """Add ``token`` to the tokenizer as a special token (resizing embeddings if needed); return its id."""
         raise NotImplementedError
 
+    def gradient_checkpointing_enable(self) -> None:
+        """Activation checkpointing of the wrapped HF model (``self.model``), non-reentrant."""
+        self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
     def export(self, directory: Path) -> dict[str, Any]:
         """Write what rebuilding needs into ``directory``; return the args that rebuild from it offline."""
         raise NotImplementedError
+
+    def _export_hf(self, directory: Path, files: dict[str, Any]) -> dict[str, Any]:
+        """Save the HF config to ``backbone/`` and each ``{arg: object with save_pretrained}`` to ``<arg>/``;
+        return the init args pointing at those folders (weights come from model.safetensors)."""
+        directory = Path(directory)
+        self.model.config.save_pretrained(directory / "backbone")
+        for arg, obj in files.items():
+            obj.save_pretrained(directory / arg)
+        args = dict(getattr(self, "init_args", {}))
+        args.pop("config", None)
+        args.update(name="backbone", pretrained=False, **{arg: arg for arg in files})
+        return args

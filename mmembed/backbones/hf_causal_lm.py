@@ -203,14 +203,5 @@ class HFCausalLM(Backbone):
             self.model.resize_token_embeddings(len(self.tokenizer), mean_resizing=False)
         return token_id
 
-    def gradient_checkpointing_enable(self) -> None:
-        self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-
     def export(self, directory: Path) -> dict[str, Any]:
-        directory = Path(directory)
-        self.model.config.save_pretrained(directory / "backbone")
-        self.tokenizer.save_pretrained(directory / "tokenizer")
-        args = dict(getattr(self, "init_args", {}))
-        args.pop("config", None)
-        args.update(name="backbone", tokenizer="tokenizer", pretrained=False)
-        return args
+        return self._export_hf(directory, {"tokenizer": self.tokenizer})

@@ -10,26 +10,14 @@ from __future__ import annotations
 
 from typing import Any
 
-from mmembed.backbones.native import NativeVLM, from_config_or_name, load_hf_processor
+from mmembed.backbones.native import TINY_TEXT_CONFIG, NativeVLM, from_config_or_name, load_hf_processor
 from mmembed.registry import BACKBONES
 
 __all__ = ["Llava", "build_tiny_llava_processor", "TINY_LLAVA_CONFIG", "TINY_LLAVA_NEXT_CONFIG"]
 
 _CLASSES = {"llava": "LlavaForConditionalGeneration", "llava_next": "LlavaNextForConditionalGeneration"}
 
-_TINY_TEXT = {
-    "model_type": "qwen2",
-    "hidden_size": 64,
-    "intermediate_size": 128,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 2,
-    "vocab_size": 512,
-    "max_position_embeddings": 1024,
-    "bos_token_id": 2,
-    "eos_token_id": 3,
-    "pad_token_id": 0,
-}
+_TINY_TEXT = {"model_type": "qwen2", **TINY_TEXT_CONFIG}
 _TINY_CLIP = {
     "model_type": "clip_vision_model",
     "hidden_size": 32,

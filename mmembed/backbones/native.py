@@ -282,18 +282,9 @@ class NativeVLM(Backbone):
         """Native models keep their own image token; mmembed's placeholder is rewritten by the processor."""
         return self.image_token_id
 
-    def gradient_checkpointing_enable(self) -> None:
-        self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-
     def export(self, directory: Path) -> dict[str, Any]:
         """Write ``backbone/`` (the HF config) and ``processor/`` (tokenizer + image processor)."""
-        directory = Path(directory)
-        self.model.config.save_pretrained(directory / "backbone")
-        self.hf_processor.save_pretrained(directory / "processor")
-        args = dict(getattr(self, "init_args", {}))
-        args.pop("config", None)
-        args.update(name="backbone", processor="processor", pretrained=False)
-        return args
+        return self._export_hf(directory, {"processor": self.hf_processor})
 
 
 def load_hf_processor(spec: str) -> Any:
@@ -328,3 +319,18 @@ def from_config_or_name(
     else:
         raise ValueError("needs 'name' (hub id or directory) or 'config'")
     return full.model
+
+
+#: The 2-layer, 64-wide text model of the tiny native twins (ids match mmembed's tiny tokenizer: pad 0, bos 2, eos 3).
+TINY_TEXT_CONFIG: dict[str, Any] = {
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "vocab_size": 512,
+    "max_position_embeddings": 1024,
+    "bos_token_id": 2,
+    "eos_token_id": 3,
+    "pad_token_id": 0,
+}

@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from mmembed.backbones.native import NativeVLM, from_config_or_name, load_hf_processor
+from mmembed.backbones.native import TINY_TEXT_CONFIG, NativeVLM, from_config_or_name, load_hf_processor
 from mmembed.registry import BACKBONES
 
 __all__ = [
@@ -34,16 +34,7 @@ TINY_QWEN2VL_CONFIG: dict[str, Any] = {
     "vision_end_token_id": 402,
     "video_token_id": 403,
     "text_config": {
-        "hidden_size": 64,
-        "intermediate_size": 128,
-        "num_hidden_layers": 2,
-        "num_attention_heads": 4,
-        "num_key_value_heads": 2,
-        "vocab_size": 512,
-        "max_position_embeddings": 1024,
-        "bos_token_id": 2,
-        "eos_token_id": 3,
-        "pad_token_id": 0,
+        **TINY_TEXT_CONFIG,
         "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]},
     },
     "vision_config": {
