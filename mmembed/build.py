@@ -90,25 +90,34 @@ def build_from_cfg(cfg: ModelCfg) -> EmbeddingModel:
 
 
 def _build_native(cfg: ModelCfg) -> EmbeddingModel:
-    """A native VLM backbone (Qwen2-VL, LLaVA): its own vision tower, projector and HF processor.
+    """A native VLM backbone (Qwen2-VL, LLaVA): its own vision tower and HF processor.
 
-    The other visual slots are refused before the (possibly large) model is loaded."""
+    ``model.connector`` replaces the built-in projector; ``model.reducer`` merges (pre-LLM) and/or prunes (in the
+    LLM). Slots a native model cannot take are refused before the (possibly large) model is loaded."""
     cls = BACKBONES.get(cfg.backbone["type"])
-    for slot in ("vision", "connector", "reducer", "fusion"):
-        if slot == "reducer" and cfg.reducer is not None and getattr(cls, "supports_merge", False):
-            reducer_cls = REDUCERS.get(cfg.reducer["type"])
-            if getattr(reducer_cls, "pre_llm", False) and not getattr(reducer_cls, "in_llm", False):
-                continue
-            raise ConfigError("model.reducer", f"backbone '{cfg.backbone['type']}' supports only pre-LLM merging")
+    for slot in ("vision", "fusion"):
         if getattr(cfg, slot) is not None:
             raise ConfigError(
                 f"model.{slot}",
-                f"backbone '{cfg.backbone['type']}' has its own vision tower and projector; model.{slot} is not "
-                "supported with it (leave it out)",
+                f"backbone '{cfg.backbone['type']}' has its own vision tower; model.{slot} is not supported with it "
+                "(leave it out; model.connector replaces its projector)",
             )
+    if cfg.reducer is not None:
+        reducer_cls = REDUCERS.get(cfg.reducer["type"])
+        for flag, support in (("pre_llm", "supports_merge"), ("in_llm", "supports_prune")):
+            if getattr(reducer_cls, flag, False) and not getattr(cls, support, False):
+                raise ConfigError(
+                    "model.reducer", f"backbone '{cfg.backbone['type']}' does not support {flag} reducers"
+                )
     backbone = instantiate(BACKBONES, cfg.backbone)
-    pooler = instantiate(POOLERS, cfg.pooler, dim=backbone.hidden_size, num_layers=backbone.num_layers)
+    d = backbone.hidden_size
+    connector = None
+    if cfg.connector is not None:
+        connector = instantiate(CONNECTORS, cfg.connector, in_dim=backbone.connector_in_dim(), out_dim=d)
+        connector.to(backbone.model_dtype())
+        backbone.attach_connector(connector)
+    pooler = instantiate(POOLERS, cfg.pooler, dim=d, num_layers=backbone.num_layers)
     reducer = None
     if cfg.reducer is not None:
-        reducer = instantiate(REDUCERS, cfg.reducer, dim=backbone.hidden_size, num_layers=backbone.num_layers)
-    return EmbeddingModel(cfg, backbone, pooler, backbone.make_processor(cfg), reducer=reducer)
+        reducer = instantiate(REDUCERS, cfg.reducer, dim=d, num_layers=backbone.num_layers)
+    return EmbeddingModel(cfg, backbone, pooler, backbone.make_processor(cfg), connector=connector, reducer=reducer)

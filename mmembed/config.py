@@ -73,7 +73,8 @@ class ModelCfg:
             if node is None:
                 continue
             _check_slot(f"{prefix}.{slot}", node, ALL[slot])
-        if self.connector is not None and self.vision is None:
+        native = getattr(ALL["backbone"].get(self.backbone["type"]), "native", False)
+        if self.connector is not None and self.vision is None and not native:  # native: replaces the projector
             raise ConfigError(f"{prefix}.connector", "a connector needs a vision encoder (model.vision)")
         if self.padding_side not in ("left", "right"):
             raise ConfigError(f"{prefix}.padding_side", f"expected 'left' or 'right', got {self.padding_side!r}")

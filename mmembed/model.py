@@ -121,11 +121,10 @@ class EmbeddingModel(nn.Module):
         all_layers = self.pooler.needs_all_layers
         has_pixels = batch.get("pixel_values") is not None and batch["pixel_values"].shape[0] > 0
         if getattr(self.backbone, "native", False):  # the HF VLM's own forward (vision tower inside)
-            hidden, native_mask = self.backbone.forward_native(
+            # (B, L') masks: the sequence is rebuilt when a connector or reducer changes the visual tokens
+            hidden, pool_attention, pool_mask = self.backbone.forward_native(
                 batch, all_layers=all_layers, reducer=self.reducer, uniform=self.training or self.uniform_modules
             )
-            if native_mask is not attention_mask:  # visual tokens merged: (B, L') rows
-                pool_attention = pool_mask = native_mask
         elif self.reducer is not None and getattr(self.reducer, "in_llm", False) and has_pixels:
             visual = batch["input_ids"] == self.processor.placeholder_id  # (B, L)
             hidden, kept = self.backbone.forward_pruned(

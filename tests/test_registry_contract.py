@@ -102,7 +102,7 @@ def test_contract(slot, name, i, tmp_path):
                 [Side(text="a red circle", images=[make_image(0)]), Side(text="blue")]
             )
             assert int((batch["input_ids"] == ph).sum()) > 0, "the image token id must match the processor's"
-            hidden, _ = bb.forward_native(batch)
+            hidden = bb.forward_native(batch)[0]
             assert hidden.shape == (*batch["input_ids"].shape, bb.hidden_size) and torch.isfinite(hidden).all()
 
         def rebuild():

@@ -10,7 +10,12 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
+from torch import nn
+
 from mmembed.backbones.native import TINY_TEXT_CONFIG, NativeVLM, from_config_or_name, load_hf_processor
+from mmembed.backbones.splice import VisualItem, image_runs, line_positions
+from mmembed.processing import InputError
 from mmembed.registry import BACKBONES
 
 __all__ = ["Llava", "build_tiny_llava_processor", "TINY_LLAVA_CONFIG", "TINY_LLAVA_NEXT_CONFIG"]
@@ -154,3 +159,78 @@ class Llava(NativeVLM):
         if self.model.config.vision_feature_select_strategy == "full" and vc.model_type == "clip_vision_model":
             n += 1
         return n
+
+    # ------------------------------------------------------------------------------------------
+    # connector swap (the HF forward stays in use when the connector keeps the token count)
+
+    def _grid(self) -> tuple[int, int]:
+        vc = self.base_model().config.vision_config
+        g = int(vc.image_size) // int(vc.patch_size)
+        return (g, g)
+
+    def connector_in_dim(self) -> int:
+        """The projector's input width (the tower width, times the layers when several are concatenated)."""
+        return int(self.base_model().multi_modal_projector.linear_1.in_features)
+
+    def _install_connector(self, connector: nn.Module) -> None:
+        """``multi_modal_projector`` calls ``connector`` on each tile's (g*g, D_v) features (grid (g, g)).
+
+        A connector that keeps the count (``mlp``) leaves the HF forward, its processor and LLaVA-Next's any-res
+        packing as they are; one that changes it (``pool_adapter``, ``visual_table``) is spliced by mmembed,
+        which needs LLaVA-1.5 (any-res packing assumes the tower's grid) and patch features without CLS."""
+        from mmembed.config import ConfigError
+
+        base = self.base_model()
+        g = self._grid()
+        self._resized = connector.num_tokens(g) != g[0] * g[1]
+        if self._resized:
+            if base.config.model_type == "llava_next":
+                raise ConfigError(
+                    "model.connector",
+                    f"llava_next packs any-res tiles on the tower's {g[0]}x{g[1]} grid, so the connector must keep "
+                    f"the token count ({g[0] * g[1]} per tile; e.g. mlp), got {connector.num_tokens(g)}",
+                )
+            if self.tokens_per_image() != g[0] * g[1]:
+                raise ConfigError(
+                    "model.connector",
+                    "a connector that changes the token count needs patch features without CLS "
+                    "(model.backbone.config.vision_feature_select_strategy: default)",
+                )
+        base.multi_modal_projector = _ConnectorCall(connector, g)
+
+    def needs_splice(self, reducer: Any) -> bool:
+        return reducer is not None or getattr(self, "_resized", False)
+
+    def image_features(self, batch: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+        """Per image (N_k, d): LLaVA's per-image features, or LLaVA-Next's packed ones (tiles, unpadding and
+        newline rows) cut at the processor's image-token runs."""
+        kw = {"image_sizes": batch["image_sizes"]} if batch.get("image_sizes") is not None else {}
+        pixels = batch["pixel_values"].to(self.model_dtype())
+        feats = self.base_model().get_image_features(pixel_values=pixels, **kw, return_dict=True).pooler_output
+        if isinstance(feats, (list, tuple)):
+            return list(feats)
+        if "input_ids" not in batch:  # one image (the blank of ``blank_visual``)
+            return [feats]
+        sizes = [e - s for _, s, e in image_runs(batch["input_ids"], self.image_token_id)]
+        if sum(sizes) != feats.shape[0]:
+            raise InputError(f"{sum(sizes)} image tokens in the batch but {feats.shape[0]} image features")
+        return list(feats.split(sizes))
+
+    def image_items(self, batch: dict[str, torch.Tensor]) -> list[VisualItem]:
+        """1-D RoPE: each image's tokens take the next positions in order."""
+        return [VisualItem(f, line_positions(f.shape[0], f.device), f.shape[0]) for f in self.image_features(batch)]
+
+
+class _ConnectorCall(nn.Module):
+    """Stands in for ``multi_modal_projector``: calls the connector the embedding model owns (held outside this
+    module's registry, so its weights are saved, trained and sharded once, as ``connector.*``)."""
+
+    def __init__(self, connector: nn.Module, grid: tuple[int, int]) -> None:
+        super().__init__()
+        self.__dict__["target"] = connector
+        self.grid = grid
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(N_tiles, N, D_v) -> (N_tiles, N', d)."""
+        param = next(self.target.parameters())
+        return self.target(x.to(param.dtype), self.grid)

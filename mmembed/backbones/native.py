@@ -16,9 +16,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
 from mmembed.backbones.base import Backbone
 from mmembed.backbones.native_processor import NativeProcessor
+from mmembed.backbones.splice import Spliced, VisualItem, splice_visual
 
 __all__ = ["NativeVLM", "NativeProcessor", "DTYPES", "VLM2VEC_LORA_TARGETS"]
 
@@ -53,7 +55,8 @@ class NativeVLM(Backbone):
     """
 
     native = True
-    supports_merge = False  # a pre-LLM token reducer (``merge``) between the vision tower and the LLM
+    supports_merge = True  # a pre-LLM token reducer (``merge``) between the vision tower and the LLM
+    supports_prune = True  # an in-LLM reducer (``prune``): the language model runs layer by layer
     image_text: str = "<image>"
     #: HF model inputs taken from a processor batch
     model_keys: tuple[str, ...] = ("input_ids", "attention_mask", "pixel_values")
@@ -113,8 +116,7 @@ class NativeVLM(Backbone):
         raise NotImplementedError
 
     def language_model(self) -> Any:
-        base = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
-        return base.language_model
+        return self.base_model().language_model
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.model.get_input_embeddings()(input_ids)
@@ -136,20 +138,97 @@ class NativeVLM(Backbone):
         )
         return tuple(out.hidden_states[1:]) if all_layers else out.last_hidden_state
 
+    # ------------------------------------------------------------------------------------------
+    # visual tokens: the built-in projector or an mmembed connector, then the optional reducer
+
+    mrope = False  # positions are (3, B, L) M-RoPE ids (Qwen2-VL) rather than (B, L)
+
+    def base_model(self) -> Any:
+        """The HF base model under a peft wrapper, if any."""
+        return self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+
+    @property
+    def connector(self) -> Any:
+        """The mmembed connector that replaced the built-in projector, or ``None``."""
+        ref = self.__dict__.get("_connector_ref")
+        return ref[0] if ref else None
+
+    def attach_connector(self, connector: nn.Module) -> None:
+        """Replace the built-in projector (LLaVA's ``multi_modal_projector``, Qwen's ``visual.merger``) by
+        ``connector``. The :class:`~mmembed.model.EmbeddingModel` owns it (saved and trained as ``connector.*``,
+        outside peft's frozen base model); the backbone only holds a reference, never a second registration."""
+        self.__dict__["_connector_ref"] = [connector]
+        self._install_connector(connector)
+
+    def connector_in_dim(self) -> int:
+        """Width of the vision features a replacing connector receives."""
+        raise NotImplementedError
+
+    def _install_connector(self, connector: nn.Module) -> None:
+        raise NotImplementedError
+
+    def image_features(self, batch: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+        """Per-image (N_k, d) tokens at the LLM width (built-in projector or connector), in batch order."""
+        raise NotImplementedError
+
+    def image_items(self, batch: dict[str, torch.Tensor]) -> list[VisualItem]:
+        """Per-image tokens with their relative positions (see :mod:`mmembed.backbones.splice`)."""
+        raise NotImplementedError
+
+    def needs_splice(self, reducer: Any) -> bool:
+        """Whether the HF forward must be bypassed (the visual token count or positions change)."""
+        return reducer is not None or self.connector is not None
+
+    def spliced_inputs(self, batch: dict[str, torch.Tensor], reducer: Any = None) -> Spliced:
+        """The batch rebuilt around each image's (connector, then merged) tokens, with recomputed positions."""
+        items = self.image_items(batch)
+        if reducer is not None and getattr(reducer, "pre_llm", False):
+            merged = []
+            for item in items:
+                tokens, idx = reducer.reduce(item.tokens[None])  # (1, N', d), (1, N') survivors in order
+                merged.append(item.select(idx[0], tokens[0]))
+            items = merged
+        ids = batch["input_ids"]
+        pool = batch.get("pool_mask", batch["attention_mask"])
+        return splice_visual(self.embed(ids), ids, batch["attention_mask"], pool, items, self.image_token_id)
+
     def forward_native(
         self, batch: dict[str, torch.Tensor], all_layers: bool = False, reducer: Any = None, uniform: bool = False
-    ) -> tuple[torch.Tensor | tuple[torch.Tensor, ...], torch.Tensor]:
-        """A :class:`NativeProcessor` batch through the HF model's own forward.
+    ) -> tuple[torch.Tensor | tuple[torch.Tensor, ...], torch.Tensor, torch.Tensor]:
+        """A :class:`NativeProcessor` batch through the model.
 
-        Returns the last hidden state (B, L, d) (after the final norm), or every layer's output, and the
-        attention mask (B, L) the hidden states align with (``batch['attention_mask']`` unless tokens were merged).
-        ``uniform``: on a text-only batch, run the vision tower on one blank image and add it times 0, so every
-        rank and GradCache chunk runs the same modules (ZeRO-2/3 and DDP need it; LLaVA does the same).
+        Without a connector swap or reducer this is the HF model's own forward. Otherwise the visual tokens are
+        computed here (connector, then a pre-LLM merge), spliced with positions computed by mmembed, and run
+        through the language model, layer by layer with pruning when the reducer prunes inside the LLM (AIM).
+
+        Returns the last hidden state (B, L', d) (after the final norm), or every layer's output, and the
+        attention and pool masks (B, L') they align with (the batch's own unless the sequence was rebuilt;
+        pruned tokens are 0 in both). ``uniform``: on a text-only batch, run the visual path on one blank image
+        and add it times 0, so every rank and GradCache chunk runs the same modules (ZeRO-2/3 and DDP need it).
         """
-        if reducer is not None:
-            raise NotImplementedError(f"{type(self).__name__} does not support a token reducer")
+        pixels = batch.get("pixel_values")
+        text_only = pixels is None or pixels.shape[0] == 0
+        if not text_only and self.needs_splice(reducer):
+            sp = self.spliced_inputs(batch, reducer)
+            pos = sp.position_ids if self.mrope else sp.position_ids[0]
+            lm = self.language_model()
+            if reducer is not None and getattr(reducer, "in_llm", False):
+                from mmembed.tokens.prune import pruned_forward
+
+                hidden, kept = pruned_forward(
+                    lm, sp.embeds, sp.attention_mask, pos, sp.visual, reducer, all_layers=all_layers
+                )
+                return hidden, sp.attention_mask * kept, sp.pool_mask * kept
+            out = lm(
+                inputs_embeds=sp.embeds,
+                attention_mask=sp.attention_mask,
+                position_ids=pos,
+                output_hidden_states=all_layers,
+                use_cache=False,
+            )
+            hidden = tuple(out.hidden_states[1:]) if all_layers else out.last_hidden_state
+            return hidden, sp.attention_mask, sp.pool_mask
         kwargs = {k: batch[k] for k in self.model_keys if k in batch and batch[k] is not None}
-        text_only = "pixel_values" not in kwargs or kwargs["pixel_values"].shape[0] == 0
         if text_only:
             kwargs.pop("pixel_values", None)
         else:
@@ -159,21 +238,19 @@ class NativeVLM(Backbone):
         if uniform and text_only:
             zero = 0.0 * self.blank_visual()
             hidden = (*hidden[:-1], hidden[-1] + zero.to(hidden[-1].dtype)) if all_layers else hidden + zero
-        return hidden, batch["attention_mask"]
+        mask = batch["attention_mask"]
+        return hidden, mask, batch.get("pool_mask", mask)
 
     def blank_visual(self) -> torch.Tensor:
-        """Sum of the vision tower + projector output on one blank 64 px image (a scalar)."""
+        """Sum of the visual path's output (tower + projector or connector) on one blank 64 px image (a scalar)."""
         from PIL import Image
 
-        base = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
         if getattr(self, "_blank", None) is None:
             enc = self.hf_processor.image_processor(images=[Image.new("RGB", (64, 64))], return_tensors="pt")
             self._blank = {k: v for k, v in enc.items() if k in ("pixel_values", "image_grid_thw", "image_sizes")}
-        device = next(base.parameters()).device
-        kw = {k: v.to(device) for k, v in self._blank.items()}
-        kw["pixel_values"] = kw["pixel_values"].to(self.model_dtype())
-        feats = base.get_image_features(**kw, return_dict=True).pooler_output
-        return sum(f.sum() for f in feats) if isinstance(feats, (list, tuple)) else feats.sum()
+        device = next(self.base_model().parameters()).device
+        feats = self.image_features({k: v.to(device) for k, v in self._blank.items()})
+        return sum(f.sum() for f in feats)
 
     def add_placeholder(self, token: str) -> int:
         """Native models keep their own image token; mmembed's placeholder is rewritten by the processor."""

@@ -11,8 +11,11 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from torch import nn
 
 from mmembed.backbones.native import TINY_TEXT_CONFIG, NativeVLM, from_config_or_name, load_hf_processor
+from mmembed.backbones.splice import VisualItem, grid_positions, line_positions
+from mmembed.processing import InputError
 from mmembed.registry import BACKBONES
 
 __all__ = [
@@ -98,7 +101,7 @@ class Qwen2VL(NativeVLM):
         add_eos: append the tokenizer's EOS (last-token pooling reads it).
     """
 
-    supports_merge = True
+    mrope = True
     image_text = "<|vision_start|><|image_pad|><|vision_end|>"
     image_token = "<|image_pad|>"
     model_keys = ("input_ids", "attention_mask", "pixel_values", "image_grid_thw", "mm_token_type_ids")
@@ -163,45 +166,72 @@ class Qwen2VL(NativeVLM):
         unit = int(ip.patch_size) * int(ip.merge_size)
         return max(1, int(ip.size["longest_edge"]) // (unit * unit))
 
-    def forward_native(
-        self, batch: dict[str, torch.Tensor], all_layers: bool = False, reducer: Any = None, uniform: bool = False
-    ) -> tuple[torch.Tensor | tuple[torch.Tensor, ...], torch.Tensor]:
-        """The HF forward; with a merge ``reducer`` and images, merged tokens with mmembed's M-RoPE positions.
+    def connector_in_dim(self) -> int:
+        """A connector sees each 2x2 merge unit's patches concatenated (as Qwen's merger): m*m*D_v wide."""
+        visual = self.base_model().visual
+        width = visual.merger.ln_q.weight.shape[0]  # the ViT width (Qwen2-VL embed_dim, 2.5-VL hidden_size)
+        return int(width) * int(visual.spatial_merge_size) ** 2
 
-        Merging path: ViT + merger (``get_image_features``) -> per-image merge -> (B, L', d) ``inputs_embeds``
-        with (3, B, L') positions from :func:`~mmembed.backbones.qwen2_vl_merge.merge_visual_tokens` -> the
-        model's forward (LLM only). Returns hidden states and the (B, L') mask they align with.
-        """
-        if reducer is None or batch.get("pixel_values") is None or batch["pixel_values"].shape[0] == 0:
-            return super().forward_native(batch, all_layers=all_layers, uniform=uniform)
-        embeds, mask, pos, _ = self.merged_inputs(batch, reducer)
-        out = self.model(
-            inputs_embeds=embeds,
-            attention_mask=mask,
-            position_ids=pos,
-            output_hidden_states=all_layers,
-            use_cache=False,
-        )
-        return (tuple(out.hidden_states[1:]) if all_layers else out.last_hidden_state), mask
+    def _install_connector(self, connector: nn.Module) -> None:
+        """The merger becomes a reshape to merge units; :meth:`image_features` applies ``connector`` per image on
+        its (h/m, w/m) unit grid, so its tokens keep Qwen's budget when it keeps the count (``mlp``)."""
+        from mmembed.config import ConfigError
 
-    def merged_inputs(
-        self, batch: dict[str, torch.Tensor], reducer: Any
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(inputs_embeds (B, L', d), attention_mask (B, L'), position_ids (3, B, L'), source columns (B, L'))."""
-        from mmembed.backbones.qwen2_vl_merge import merge_visual_tokens
+        if getattr(connector, "mode", None) == "exact":
+            raise ConfigError(
+                "model.connector.mode",
+                "Qwen2-VL's grid varies per image (dynamic resolution); exact pooling needs a fixed grid: use "
+                "mode: adaptive",
+            )
+        visual = self.base_model().visual
+        visual.merger = _MergeUnits(int(visual.spatial_merge_size))
 
-        base = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+    def image_features(self, batch: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+        """Per image (N_k, d): the merger's output, or the connector's on the image's merge-unit grid."""
+        base = self.base_model()
         grid = batch["image_grid_thw"]
         pixels = batch["pixel_values"].to(self.model_dtype())
-        feats = base.get_image_features(pixels, grid, return_dict=True).pooler_output  # per image (N_k, d)
-        ids = batch["input_ids"]
-        return merge_visual_tokens(
-            self.embed(ids),
-            ids,
-            batch["attention_mask"],
-            tuple(feats),
-            grid,
-            self.image_token_id,
-            int(base.visual.spatial_merge_size),
-            reducer,
-        )
+        feats = list(base.get_image_features(pixels, grid, return_dict=True).pooler_output)
+        conn = self.connector
+        if conn is None:
+            return feats
+        m = int(base.visual.spatial_merge_size)
+        groups: dict[tuple[int, int], list[int]] = {}
+        for i, (t, h, w) in enumerate(grid.tolist()):
+            if t != 1:
+                raise InputError(f"image {i}: a connector swap takes single-frame images, got {t} frames")
+            groups.setdefault((h // m, w // m), []).append(i)
+        out: list[torch.Tensor] = [feats[0]] * len(feats)
+        for g, idx in groups.items():  # one connector call per distinct grid
+            y = conn(torch.stack([feats[i] for i in idx]).to(next(conn.parameters()).dtype), g)
+            for j, i in enumerate(idx):
+                out[i] = y[j]
+        return out
+
+    def image_items(self, batch: dict[str, torch.Tensor]) -> list[VisualItem]:
+        """Tokens with M-RoPE (t, h, w) ids on their grid: the merge-unit grid, the connector's output grid
+        (``out_grid``), or a line when the connector's tokens form no grid (``visual_table``'s indicators)."""
+        m = int(self.base_model().visual.spatial_merge_size)
+        items = []
+        for f, (t, h, w) in zip(self.image_features(batch), batch["image_grid_thw"].tolist()):
+            g = (t, h // m, w // m)
+            if self.connector is not None:
+                out = self.connector.out_grid(g[1:])
+                g = (1, *out) if out is not None and out[0] * out[1] == f.shape[0] else None
+            if g is None:
+                items.append(VisualItem(f, line_positions(f.shape[0], f.device), f.shape[0]))
+            else:
+                items.append(VisualItem(f, grid_positions(*g, device=f.device), max(g)))
+        return items
+
+
+class _MergeUnits(nn.Module):
+    """Stands in for Qwen's merger under a connector swap: (N_patches, D_v) -> (N_patches/m^2, m^2*D_v) units
+    (patches of a 2x2 unit are contiguous in Qwen's ViT order; Qwen2.5-VL's window order is undone by the tower)."""
+
+    def __init__(self, merge_size: int) -> None:
+        super().__init__()
+        self.units = merge_size * merge_size
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.reshape(-1, self.units * x.shape[-1])

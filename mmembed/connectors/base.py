@@ -20,3 +20,9 @@ class Connector(nn.Module):
 
     def num_tokens(self, grid: tuple[int, int]) -> int:
         raise NotImplementedError
+
+    def out_grid(self, grid: tuple[int, int]) -> tuple[int, int] | None:
+        """The (h', w') grid the output tokens form in raster order, or ``None`` when they form none (then
+        backbones with 2-D positions, Qwen2-VL's M-RoPE, number them in a line). Default: the input grid when
+        the count is unchanged."""
+        return grid if self.num_tokens(grid) == grid[0] * grid[1] else None

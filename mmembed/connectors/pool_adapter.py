@@ -94,3 +94,6 @@ class PoolAdapter(Connector):
     def num_tokens(self, grid: tuple[int, int]) -> int:
         self.check_grid(grid)
         return self.pool_size * self.pool_size
+
+    def out_grid(self, grid: tuple[int, int]) -> tuple[int, int]:
+        return (self.pool_size, self.pool_size)

@@ -163,7 +163,8 @@ def pruned_forward(
 
     Args:
         model: the HF base model (``layers``, ``rotary_emb``, ``norm``; Llama/Qwen2/Qwen3/Mistral-style layers).
-        inputs_embeds: (B, L, d); attention_mask, position_ids, visual_mask: (B, L).
+        inputs_embeds: (B, L, d); attention_mask, visual_mask: (B, L); position_ids: (B, L), or (3, B, L) M-RoPE
+            ids (Qwen2-VL).
         reducer: gives the schedule and the importance score.
         causal: causal or bidirectional (padding-only) attention.
         all_layers: return every layer's output (scattered back to (B, L, d)) instead of the last.
@@ -201,7 +202,8 @@ def pruned_forward(
         if prune:
             with torch.no_grad():
                 scores = reducer.importance(*_qk(layer, h, cos_sin), allowed, valid)
-        h = layer(h, attention_mask=mask, position_ids=pos, position_embeddings=cos_sin)
+        # M-RoPE (3, B, L) ids are already folded into cos_sin; the layers take 1-D ids only
+        h = layer(h, attention_mask=mask, position_ids=pos if pos.dim() == 2 else None, position_embeddings=cos_sin)
         last = i == n_layers - 1
         if all_layers:
             outs.append(scatter(model.norm(h) if last else h))
@@ -215,7 +217,8 @@ def pruned_forward(
             new_len = int(keep.sum(dim=1).max())
             idx = keep.to(torch.int8).argsort(dim=1, descending=True, stable=True)[:, :new_len]  # kept first, in order
             h = h.gather(1, idx[..., None].expand(-1, -1, d))
-            pos, orig = pos.gather(1, idx), orig.gather(1, idx)
+            pos = pos.gather(-1, idx.expand_as(pos[..., :new_len]) if pos.dim() == 3 else idx)
+            orig = orig.gather(1, idx)
             valid = keep.gather(1, idx)
             vis = vis.gather(1, idx) & valid
     kept = torch.zeros(b, length, dtype=torch.bool, device=h.device).scatter(1, orig, valid)

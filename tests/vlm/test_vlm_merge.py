@@ -40,7 +40,8 @@ def test_merged_positions_equal_hf_rope_index_of_the_survivors(model, side):
     batch = _batch(model, side)
     bb = model.backbone
     with torch.no_grad():
-        embeds, mask, pos, source = bb.merged_inputs(batch, model.reducer)
+        sp = bb.spliced_inputs(batch, model.reducer)
+    mask, pos, source = sp.attention_mask, sp.position_ids, sp.source
     ref, _ = bb.model.get_rope_index(
         batch["input_ids"], batch["mm_token_type_ids"], batch["image_grid_thw"], None, batch["attention_mask"]
     )  # (3, B, L): HF's positions of the unmerged sequence

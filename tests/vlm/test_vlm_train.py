@@ -58,3 +58,23 @@ def test_gradcache_over_native_qwen2vl_batches_equals_the_plain_step(demo_data, 
     start = mmembed.build_model(ROOT / "recipes/tiny/qwen2vl.yaml", ["model.max_length=48"]).state_dict()
     assert max(float((a[k] - start[k]).abs().max()) for k in a) > 1e-3, "the step must move the weights"
     assert max(float((a[k] - b[k]).abs().max()) for k in a) <= 1e-5
+
+
+def test_tiny_qwen2vl_with_a_connector_trains_it_beside_lora_and_reloads(demo_data, tmp_path):
+    out = tmp_path / "run"
+    over = ["model.connector={type: mlp}", "model.reducer={type: merge, keep_ratio: 0.5}"]
+    extra = {"train.max_steps": 2, "train.gradcache_chunk_size": 2}
+    proc = run_recipe("recipes/tiny/qwen2vl.yaml", [*train_overrides(demo_data, out, **extra), *over])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    trained = load_file(out / "final" / "model.safetensors")
+    torch.manual_seed(0)
+    start = mmembed.build_model(ROOT / "recipes/tiny/qwen2vl.yaml", over).state_dict()
+    assert trained.keys() == start.keys()
+    frozen = [k for k in start if ".visual." in k]  # the Qwen2-VL ViT: no LoRA target, frozen
+    assert frozen and all(torch.equal(start[k], trained[k]) for k in frozen), "same initialization"
+    conn = [k for k in start if k.startswith("connector.")]
+    assert conn and all(not torch.equal(start[k], trained[k]) for k in conn), "LoRA must not freeze the connector"
+    model = mmembed.load(out / "final")
+    assert model.connector is not None and model.backbone.connector is model.connector
+    emb = model.encode(texts=["<image> what color?", "a red circle"], images=[make_image(1), None])
+    assert emb.shape == (2, 64) and np.isfinite(emb).all()
