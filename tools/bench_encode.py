@@ -10,7 +10,8 @@ plain/encode should stay >= 0.95 on a model big enough that compute dominates.
 
 Native VLM recipes (``qwen2_vl``, ``llava`` backbones) compare ``model.encode`` with a plain transformers forward
 (the HF processor + ``Model.model(**inputs)``, last token, normalize) of the same model and batch, and with
-``--merge R`` also ``model.encode`` with token merging (keep ratio R per image, Qwen2-VL). ``--random-init``
+``--merge R`` also ``model.encode`` with token merging (keep ratio R per image); ``--reduce SPEC`` times any
+reducer (``'{type: aim, keep_ratio: 0.25}'``: merging before the LLM and AIM pruning inside it). ``--random-init``
 builds the recipe's architecture from a built-in copy of its HF config (no download) with the offline processor:
 
     python tools/bench_encode.py --recipe recipes/vlm2vec/qwen2vl_2b.yaml --random-init --merge 0.25 --device cuda
@@ -158,7 +159,13 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
     ap.add_argument("--random-init", action="store_true", help="native VLM recipes: built-in architecture, no download")
-    ap.add_argument("--merge", type=float, default=0.0, help="native Qwen2-VL: also time token merging at this ratio")
+    ap.add_argument("--merge", type=float, default=0.0, help="also time token merging at this keep ratio")
+    ap.add_argument(
+        "--reduce",
+        action="append",
+        default=[],
+        help="also time this reducer, a YAML mapping (repeatable), e.g. '{type: aim, keep_ratio: 0.25}'",
+    )
     ap.add_argument("--dtype", help="native VLM recipes: override model.backbone.dtype (float32 / bfloat16)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--image-size", type=int, default=448, help="native VLM recipes: input image side in pixels")
@@ -191,7 +198,7 @@ def main() -> None:
     def run_encode() -> np.ndarray:
         return model.encode(texts=texts, images=images, instruction=instruction, batch_size=bs, show_progress_bar=False)
 
-    def run_merged() -> np.ndarray:
+    def run_reduced(reducer: torch.nn.Module) -> np.ndarray:
         model.reducer = reducer
         try:
             return run_encode()
@@ -199,17 +206,21 @@ def main() -> None:
             model.reducer = None
 
     runs = {"plain": run_plain, "encode": run_encode}
-    reducer = None
-    if args.merge:
+    specs = ([f"{{type: merge, keep_ratio: {args.merge}}}"] if args.merge else []) + args.reduce
+    if specs and model.reducer is not None:
+        raise SystemExit("--merge/--reduce compare against a model without a reducer; drop model.reducer")
+    for text in specs:
+        from omegaconf import OmegaConf
+
         from mmembed.build import instantiate
         from mmembed.registry import REDUCERS
 
-        if not getattr(model.backbone, "supports_merge", False):
-            raise SystemExit("--merge needs a backbone with token merging (qwen2_vl)")
-        spec = {"type": "merge", "keep_ratio": args.merge}
-        reducer = instantiate(REDUCERS, spec, dim=model.backbone.hidden_size, num_layers=model.backbone.num_layers)
-        runs["encode+merge"] = run_merged
-        run_merged()  # warm-up
+        spec = OmegaConf.to_container(OmegaConf.create(text))
+        d, layers = model.backbone.hidden_size, model.backbone.num_layers
+        reducer = instantiate(REDUCERS, spec, dim=d, num_layers=layers).to(args.device)
+        name = "encode + " + ", ".join(f"{k}={v}" for k, v in spec.items())
+        runs[name] = lambda r=reducer: run_reduced(r)
+        runs[name]()  # warm-up
     diff = np.abs(run_plain() - run_encode()).max()  # also warms up both paths
     times: dict[str, list[float]] = {k: [] for k in runs}
     for _ in range(args.repeats):
@@ -232,8 +243,8 @@ def main() -> None:
     print(f"max |plain - encode| = {diff:.2e}")
     print(f"plain forward : {args.n / med['plain']:8.2f} rows/s (median of {args.repeats})")
     print(f"model.encode  : {args.n / med['encode']:8.2f} rows/s")
-    if "encode+merge" in med:
-        print(f"encode + merge (keep {args.merge}): {args.n / med['encode+merge']:8.2f} rows/s")
+    for name in list(med)[2:]:
+        print(f"{name:14s}: {args.n / med[name]:8.2f} rows/s  ({med['encode'] / med[name]:.2f}x encode)")
     print(f"overhead ratio (plain time / encode time) = {med['plain'] / med['encode']:.3f}  (target >= 0.95)")
 
 

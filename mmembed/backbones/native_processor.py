@@ -1,7 +1,10 @@
 """The processor of native VLM backbones: :class:`~mmembed.data.sample.Side` rows -> the HF processor's batch.
 
 Rows are laid out as VLM2Vec does (``<image tokens> instruction text``, ANCHORS.md §1.3) and handed to the model's
-own transformers processor, which resizes images and expands each image text to its visual tokens.
+own transformers processor, which resizes images and expands each image text to its visual tokens. Text is
+truncated to the budget *before* that expansion, on the text pieces between images only, and the instruction
+span is recorded so mean pooling can leave it out, both as the composed model's
+:class:`~mmembed.processing.Processor` does.
 """
 
 from __future__ import annotations
@@ -39,8 +42,9 @@ class NativeProcessor:
         add_eos: append the tokenizer's EOS so last-token pooling reads it.
         max_pixels: refuse larger images before decoding (decompression-bomb guard, not the resize budget).
         max_images: most images in one row.
-        max_length: only feeds the length estimate: texts are not truncated here (cutting inside the HF
-            processor's expanded image runs would break them); keep inputs within the model's context.
+        max_length: text-token budget per row, counting the BOS the tokenizer adds and the EOS; image tokens and
+            the image text's own markup (Qwen's ``<|vision_start|>`` / ``<|vision_end|>``) come on top and are
+            never cut. Longer texts lose their end (one warning per processor), as in the composed processor.
     """
 
     transform = None  # no mmembed image transform: the HF image processor resizes and normalizes
@@ -59,7 +63,7 @@ class NativeProcessor:
         max_length: int = 512,
     ) -> None:
         self.hf_processor = hf_processor
-        self.tokenizer = hf_processor.tokenizer
+        self.tokenizer = tok = hf_processor.tokenizer
         self.image_text = image_text
         self.placeholder = placeholder
         self.placeholder_id = int(image_token_id)
@@ -67,23 +71,78 @@ class NativeProcessor:
         self.padding_side = padding_side
         self.max_pixels = int(max_pixels)
         self.max_images = int(max_images)
-        self.max_length = int(max_length)  # text budget, used only by the length estimate (never truncates)
-        eos = self.tokenizer.eos_token
+        self.max_length = int(max_length)
+        eos = tok.eos_token
         self.suffix = eos if add_eos and eos is not None else ""
+        self.n_suffix = len(tok(self.suffix, add_special_tokens=False)["input_ids"]) if self.suffix else 0
+        # Tokens the tokenizer puts before the text: the HF processors (ProcessorMixin.__call__) call it with its
+        # defaults, i.e. add_special_tokens=True, so a Llama/Mistral BOS is there (Qwen adds nothing).
+        plain, full = tok("a", add_special_tokens=False)["input_ids"], tok("a")["input_ids"]
+        at = [i for i in range(len(full) - len(plain) + 1) if full[i : i + len(plain)] == plain]
+        self.n_prefix = at[0] if at else 0
+        # Non-image tokens of one image text (Qwen: vision_start + vision_end = 2; LLaVA: 0): they separate the
+        # leading image block from the instruction in the HF processor's output.
+        markup = tok(image_text, add_special_tokens=False)["input_ids"]
+        self.n_markup = sum(1 for t in markup if t != self.placeholder_id)
+        self._warned_truncation = False
 
     def length(self, side: Side) -> int:
         """Cheap length estimate in tokens (for grouping by length; no tokenization)."""
         chars = len(side.text or "") + len(side.instruction or "")
         return chars // 3 + len(side.images) * self.image_tokens + 1
 
-    def text(self, side: Side, row: Any) -> str:
-        """The HF processor's text for one row: leading images, then ``instruction text`` (VLM2Vec layout)."""
+    def _layout(self, side: Side, row: Any) -> tuple[int, int, list[str]]:
+        """(leading images, instruction length in characters, text chunks between the other images)."""
         lead, instruction, rest = layout_side(side, row, self.placeholder, self.max_images)
         if self.image_text != self.placeholder and self.image_text in rest:
             raise InputError(f"row {row}: the text contains the model's own image text {self.image_text!r}")
+        chunks = rest.split(self.placeholder)
         if instruction:
-            rest = instruction + (" " + rest if rest else "")
-        return self.image_text * lead + rest.replace(self.placeholder, self.image_text) + self.suffix
+            chunks[0] = instruction + (" " + chunks[0] if chunks[0] else "")
+        return lead, len(instruction), chunks
+
+    def _join(self, lead: int, chunks: Sequence[str]) -> str:
+        return self.image_text * lead + self.image_text.join(chunks) + self.suffix
+
+    def text(self, side: Side, row: Any) -> str:
+        """The HF processor's text for one row (untruncated): leading images, then ``instruction text``."""
+        lead, _, chunks = self._layout(side, row)
+        return self._join(lead, chunks)
+
+    def texts(self, sides: Sequence[Side], rows: Sequence[Any]) -> tuple[list[str], torch.Tensor, torch.Tensor]:
+        """The HF processor's texts, truncated to ``max_length`` text tokens, with each row's leading images (B,)
+        and instruction token count (B,).
+
+        All text chunks of the batch are tokenized in one call (no special tokens, with offsets); an over-long
+        row loses tokens from its end, chunk by chunk, by cutting the chunk *strings* at token boundaries (no
+        decode round trip), so the image texts between chunks, and thus the HF processor's image runs, stay whole.
+        """
+        layouts = [self._layout(s, r) for s, r in zip(sides, rows)]
+        strings = [c for _, _, chunks in layouts for c in chunks]
+        enc = self.tokenizer(strings, add_special_tokens=False, return_offsets_mapping=True)
+        encoded, offsets = enc["input_ids"], enc["offset_mapping"]
+        budget = max(self.max_length - self.n_prefix - self.n_suffix, 0)
+        texts, leads, n_instr, pos = [], [], [], 0
+        for (lead, instr_chars, chunks), row in zip(layouts, rows):
+            counts = [len(x) for x in encoded[pos : pos + len(chunks)]]
+            spans = offsets[pos : pos + len(chunks)]
+            pos += len(chunks)
+            instr = sum(1 for start, _ in spans[0] if start < instr_chars) if instr_chars else 0
+            excess = sum(counts) - budget
+            if excess > 0:
+                if not self._warned_truncation:
+                    log.warning("row %s: text longer than max_length=%d tokens; truncating", row, self.max_length)
+                    self._warned_truncation = True
+                for j in reversed(range(len(chunks))):
+                    keep = max(counts[j] - excess, 0)
+                    excess -= counts[j] - keep
+                    chunks[j], counts[j] = _cut(chunks[j], spans[j], keep), keep
+                    if excess <= 0:
+                        break
+            texts.append(self._join(lead, chunks))
+            leads.append(lead)
+            n_instr.append(min(instr, counts[0]))
+        return texts, torch.tensor(leads, dtype=torch.long), torch.tensor(n_instr, dtype=torch.long)
 
     def load_images(self, sides: Sequence[Side], rows: Sequence[Any]) -> list[Any]:
         out = []
@@ -96,16 +155,34 @@ class NativeProcessor:
                     raise InputError(str(e)) from None
         return out
 
+    def pool_mask(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, leads: torch.Tensor, n_instr: torch.Tensor
+    ) -> torch.Tensor:
+        """(B, L) long: 1 on real tokens except the tokenizer's BOS and the instruction tokens.
+
+        Counted over each row's non-image real tokens (rank r), the prefix is r < n_prefix and the instruction
+        follows the prefix and the leading images' markup: n_prefix + lead * n_markup <= r < that + n_instr.
+        Image runs are skipped by the ranking, so their (per-image, per-model) lengths are not needed; leading
+        image tokens stay pooled, as in the composed processor.
+        """
+        real = attention_mask.bool()
+        is_text = real & (input_ids != self.placeholder_id)
+        rank = is_text.long().cumsum(dim=1) - 1  # (B, L): index among the row's text tokens
+        start = (self.n_prefix + leads * self.n_markup).unsqueeze(1)  # (B, 1)
+        dropped = is_text & ((rank < self.n_prefix) | ((rank >= start) & (rank < start + n_instr.unsqueeze(1))))
+        return (real & ~dropped).long()
+
     def __call__(self, sides: Sequence[Side], rows: Sequence[Any] | None = None) -> dict[str, torch.Tensor]:
         """Collate rows into the HF processor's batch plus mmembed's keys.
 
         Returns:
             the HF processor's tensors (``input_ids`` (B, L), ``attention_mask`` (B, L), and with images
             ``pixel_values``: (N_patches, C*T*P*P) with ``image_grid_thw`` (N_img, 3) for Qwen2-VL,
-            (N_img, 3, S, S) for LLaVA), plus ``pool_mask`` (B, L) (= attention mask) and ``image_counts`` (B,).
+            (N_img, 3, S, S) for LLaVA), plus ``pool_mask`` (B, L) (the attention mask with BOS and the
+            instruction zeroed, see :meth:`pool_mask`) and ``image_counts`` (B,).
         """
         rows = list(rows) if rows is not None else list(range(len(sides)))
-        texts = [self.text(s, r) for s, r in zip(sides, rows)]
+        texts, leads, n_instr = self.texts(sides, rows)
         images = self.load_images(sides, rows)
         enc = self.hf_processor(
             text=texts,
@@ -116,6 +193,20 @@ class NativeProcessor:
         )
         out = {k: v for k, v in enc.items() if isinstance(v, torch.Tensor)}
         out["attention_mask"] = out["attention_mask"].long()
-        out["pool_mask"] = out["attention_mask"].clone()
+        out["pool_mask"] = self.pool_mask(out["input_ids"], out["attention_mask"], leads, n_instr)
         out["image_counts"] = torch.tensor([len(s.images) for s in sides], dtype=torch.long)
         return out
+
+
+def _cut(chunk: str, offsets: Sequence[tuple[int, int]], keep: int) -> str:
+    """``chunk`` cut after its first ``keep`` tokens (character offsets from the tokenizer).
+
+    Cut at the end of the last kept token, so no whitespace dangles (trimmed offsets would leave the space before
+    the first dropped token, an extra token on re-tokenization), but never past the first dropped token's start
+    (byte-level tokens sharing one character): the kept text then re-tokenizes to at most ``keep`` tokens.
+    """
+    if keep <= 0:
+        return ""
+    if keep >= len(offsets):
+        return chunk
+    return chunk[: min(offsets[keep - 1][1], offsets[keep][0])]
