@@ -11,6 +11,13 @@ batch = chunk size.
 
     python tools/bench_train.py                        # CPU, mid-size model, batch 256 vs chunk 16
     python tools/bench_train.py --precision bf16       # on a GPU machine
+
+Native VLM recipes train at their own settings (LoRA, GradCache); ``--random-init`` builds the recipe's architecture
+offline (see ``native_presets.py``) and ``--max-chunk`` doubles the per-device GradCache chunk (the batch that is
+resident in memory at once) until a step fails, printing samples/s and memory for each size that fits:
+
+    python tools/bench_train.py --recipe recipes/vlm2vec/qwen2vl_2b.yaml --random-init --precision bf16 \
+        --global-batch 128 --chunk 8 --max-chunk 128
 """
 
 from __future__ import annotations
@@ -36,11 +43,15 @@ MID = [
 ]
 
 
-def run(name: str, overrides: list[str], out: Path, env: dict) -> dict:
-    cmd = [sys.executable, "-m", "mmembed.train", str(ROOT / "recipes/tiny/composed.yaml"), *overrides]
+def run(name: str, overrides: list[str], out: Path, env: dict, recipe: str, fail_ok: bool = False) -> dict | None:
+    cmd = [sys.executable, "-m", "mmembed.train", str(ROOT / recipe), *overrides]
     cmd.append(f"train.output_dir={out / name}")
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
     if proc.returncode != 0:
+        if fail_ok:
+            lines = proc.stderr.strip().splitlines()
+            print(f"{name}: failed ({lines[-1] if lines else proc.returncode})")
+            return None
         raise SystemExit(f"{name} failed:\n{proc.stderr[-3000:]}")
     rows = [json.loads(ln) for ln in (out / name / "metrics.jsonl").read_text().splitlines()][1:]
     return {
@@ -58,6 +69,9 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--precision", default="fp32")
     ap.add_argument("--tiny", action="store_true", help="the tiny recipe instead of the mid-size model")
+    ap.add_argument("--recipe", default="recipes/tiny/composed.yaml")
+    ap.add_argument("--random-init", action="store_true", help="native VLM recipes: built-in architecture, no download")
+    ap.add_argument("--max-chunk", type=int, default=0, help="double the GradCache chunk from --chunk up to this")
     args = ap.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="bench_train_"))
     data = Path(args.data) if args.data else tmp / "demo"
@@ -76,14 +90,39 @@ def main() -> None:
         "train.optimizer=sgd",
         "train.lr=1e-3",
         f"train.precision={args.precision}",
-    ] + ([] if args.tiny else MID)
+        "train.save_every=0",
+        "train.eval_every=0",
+    ]
+    from mmembed.config import load_recipe
+    from mmembed.registry import BACKBONES
+
+    native = getattr(BACKBONES.get(load_recipe(args.recipe).model.backbone["type"]), "native", False)
+    if native:
+        from native_presets import native_overrides  # tools/ is on sys.path when run as a script
+
+        common += native_overrides(args.recipe, args.random_init, None) + ["data.eval=null"]
+    elif args.recipe == "recipes/tiny/composed.yaml" and not args.tiny:
+        common += MID
     b, c = args.global_batch, args.chunk
+    if args.max_chunk:
+        head = f"GradCache chunk (global batch {b})"
+        print(f"{head:36s} {'samples/s':>10s} {'step MiB':>10s} {'peak MiB':>10s}")
+        while c <= min(args.max_chunk, b):
+            extra = [f"train.batch_size={b}", f"train.gradcache_chunk_size={c}"]
+            r = run(f"chunk{c}", common + extra, tmp, env, args.recipe, fail_ok=True)
+            if r is None:
+                break
+            print(f"{'chunk ' + str(c):36s} {r['samples_per_s']:10.1f} {r['step_mem_mb']:10.1f} {r['peak_mb']:10.1f}")
+            c *= 2
+        return
     settings = {
         f"plain, batch {c}": [f"train.batch_size={c}"],
         f"GradCache, batch {b}, chunk {c}": [f"train.batch_size={b}", f"train.gradcache_chunk_size={c}"],
         f"plain, batch {b}": [f"train.batch_size={b}"],
     }
-    results = {name: run(f"s{i}", common + extra, tmp, env) for i, (name, extra) in enumerate(settings.items())}
+    results = {
+        name: run(f"s{i}", common + extra, tmp, env, args.recipe) for i, (name, extra) in enumerate(settings.items())
+    }
     print(f"{'setting':32s} {'samples/s':>10s} {'step memory MiB':>16s} {'peak MiB':>10s}")
     for name, r in results.items():
         print(f"{name:32s} {r['samples_per_s']:10.1f} {r['step_mem_mb']:16.1f} {r['peak_mb']:10.1f}")

@@ -168,6 +168,9 @@ class Llava(NativeVLM):
         g = int(vc.image_size) // int(vc.patch_size)
         return (g, g)
 
+    def vision_tower(self) -> nn.Module:
+        return self.base_model().vision_tower
+
     def connector_in_dim(self) -> int:
         """The projector's input width (the tower width, times the layers when several are concatenated)."""
         return int(self.base_model().multi_modal_projector.linear_1.in_features)

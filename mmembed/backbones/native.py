@@ -160,6 +160,10 @@ class NativeVLM(Backbone):
         self.__dict__["_connector_ref"] = [connector]
         self._install_connector(connector)
 
+    def vision_tower(self) -> nn.Module:
+        """The model's own vision tower (what ``train.freeze: [vision]`` freezes)."""
+        raise NotImplementedError
+
     def connector_in_dim(self) -> int:
         """Width of the vision features a replacing connector receives."""
         raise NotImplementedError

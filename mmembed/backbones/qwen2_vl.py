@@ -166,6 +166,9 @@ class Qwen2VL(NativeVLM):
         unit = int(ip.patch_size) * int(ip.merge_size)
         return max(1, int(ip.size["longest_edge"]) // (unit * unit))
 
+    def vision_tower(self) -> nn.Module:
+        return self.base_model().visual
+
     def connector_in_dim(self) -> int:
         """A connector sees each 2x2 merge unit's patches concatenated (as Qwen's merger): m*m*D_v wide."""
         visual = self.base_model().visual

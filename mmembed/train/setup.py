@@ -96,6 +96,8 @@ def prepare_model(model: nn.Module, cfg: TrainCfg) -> None:
         apply_lora(model, cfg.lora)
     for slot in cfg.freeze:
         module = getattr(model, slot, None)
+        if module is None and slot == "vision" and getattr(model.backbone, "native", False):
+            module = model.backbone.vision_tower()  # a native VLM's own tower (Qwen ``visual``, LLaVA ``vision_tower``)
         if module is None:
             raise ConfigError("train.freeze", f"the model has no '{slot}' slot to freeze")
         module.requires_grad_(False)

@@ -186,3 +186,16 @@ def test_connector_model_saves_and_reloads(tmp_path):
         texts=texts, images=images, instruction="Represent the given input."
     )
     np.testing.assert_array_equal(emb, again)
+
+
+@pytest.mark.parametrize("family", ["qwen2_vl", "llava"])
+def test_freeze_vision_freezes_the_native_tower_and_keeps_the_connector_trainable(family):
+    from mmembed.config import TrainCfg
+    from mmembed.train.setup import prepare_model
+
+    model = _build(family, "model.connector={type: mlp}")
+    prepare_model(model, TrainCfg(freeze=["vision"]))
+    tower = model.backbone.vision_tower()
+    assert all(not p.requires_grad for p in tower.parameters())
+    assert all(p.requires_grad for p in model.connector.parameters())
+    assert model.backbone.language_model().embed_tokens.weight.requires_grad
