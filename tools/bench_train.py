@@ -71,6 +71,7 @@ def main() -> None:
     ap.add_argument("--tiny", action="store_true", help="the tiny recipe instead of the mid-size model")
     ap.add_argument("--recipe", default="recipes/tiny/composed.yaml")
     ap.add_argument("--random-init", action="store_true", help="native VLM recipes: built-in architecture, no download")
+    ap.add_argument("--dtype", help="native VLM recipes: override model.backbone.dtype (float32 / bfloat16)")
     ap.add_argument("--max-chunk", type=int, default=0, help="double the GradCache chunk from --chunk up to this")
     args = ap.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="bench_train_"))
@@ -100,7 +101,7 @@ def main() -> None:
     if native:
         from native_presets import native_overrides  # tools/ is on sys.path when run as a script
 
-        common += native_overrides(args.recipe, args.random_init, None) + ["data.eval=null"]
+        common += native_overrides(args.recipe, args.random_init, args.dtype) + ["data.eval=null"]
     elif args.recipe == "recipes/tiny/composed.yaml" and not args.tiny:
         common += MID
     b, c = args.global_batch, args.chunk

@@ -96,6 +96,14 @@ def build_train_loader(
         raise ValueError(f"global batch size {global_batch_size} is not divisible by world size {world_size}")
     workers = int(_get(cfg, "num_workers", 0))
     if is_shard_spec(train):
+        if _get(cfg, "homogeneous", False):
+            from mmembed.config import ConfigError
+
+            # a shard stream interleaves its datasets sample by sample; one dataset per batch needs the manifest
+            raise ConfigError(
+                "data.homogeneous",
+                "one dataset per batch needs a manifest (data.train: a YAML of datasets), not webdataset shards",
+            )
         shards, counts = list_shards(train)
         buf = int(_get(cfg, "shuffle_buffer", 1000))
         stream = WdsStream(

@@ -45,6 +45,16 @@ def test_parquet_and_its_shards_give_the_same_batches(tmp_path, processor):
                 assert torch.equal(x[side][key], y[side][key])
 
 
+def test_homogeneous_batches_from_shards_are_refused_by_key(tmp_path, processor):
+    from mmembed.config import ConfigError
+
+    src = make_train_set(tmp_path / "src", 12)
+    _convert(src, tmp_path / "shards", shard_size=6)
+    cfg = DataCfg(train=str(tmp_path / "shards"), homogeneous=True)
+    with pytest.raises(ConfigError, match=r"data\.homogeneous.*manifest"):
+        build_train_loader(cfg, processor, global_batch_size=4, max_steps=2)
+
+
 def test_demo_manifest_trains_and_evaluates_without_conversion(tmp_path, processor):
     generate(tmp_path, n_train=30, n_eval=12, image_size=32)
     cfg = DataCfg(
