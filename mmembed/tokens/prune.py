@@ -135,14 +135,22 @@ def _allowed(valid: torch.Tensor, causal: bool) -> torch.Tensor:
 
 def _qk(layer: nn.Module, h: torch.Tensor, cos_sin: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, ...]:
     """Layer ``layer``'s rotated queries and keys for hidden states h (B, L, d): (B, H, L, d_h) each."""
-    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+    import sys
 
     attn = layer.self_attn
+    # the family's own rotary helper: Phi-3 rotates only part of each head (partial_rotary_factor)
+    apply_rotary_pos_emb = sys.modules[type(attn).__module__].apply_rotary_pos_emb
     b, length, _ = h.shape
     x = layer.input_layernorm(h)
     hd = attn.head_dim
-    q = attn.q_proj(x).view(b, length, -1, hd)
-    k = attn.k_proj(x).view(b, length, -1, hd)
+    if hasattr(attn, "qkv_proj"):  # Phi-3: fused [q | k | v] projection
+        n_q = attn.config.num_attention_heads * hd
+        n_kv = attn.config.num_key_value_heads * hd
+        q, k, _ = attn.qkv_proj(x).split([n_q, n_kv, n_kv], dim=-1)
+        q, k = q.reshape(b, length, -1, hd), k.reshape(b, length, -1, hd)
+    else:
+        q = attn.q_proj(x).view(b, length, -1, hd)
+        k = attn.k_proj(x).view(b, length, -1, hd)
     if hasattr(attn, "q_norm"):  # Qwen3
         q, k = attn.q_norm(q), attn.k_norm(k)
     q, k = apply_rotary_pos_emb(q.transpose(1, 2), k.transpose(1, 2), *cos_sin)
@@ -173,8 +181,9 @@ def pruned_forward(
         hidden (B, L, d) (pruned rows zero) or a tuple of them, and ``kept`` (B, L) bool: real tokens still
         present at the last layer.
     """
-    if not hasattr(model.layers[0].self_attn, "q_proj"):
-        raise ValueError("token pruning needs Llama/Qwen-style attention modules (q_proj/k_proj)")
+    attn0 = model.layers[0].self_attn
+    if not (hasattr(attn0, "q_proj") or hasattr(attn0, "qkv_proj")):
+        raise ValueError("token pruning needs Llama/Qwen/Phi-3-style attention modules (q_proj/k_proj or qkv_proj)")
     eager = model.config._attn_implementation == "eager"
     b, length, d = inputs_embeds.shape
     h, pos = inputs_embeds, position_ids

@@ -72,3 +72,29 @@ def test_importance_prefers_attended_tokens():
     allowed = torch.ones(1, 1, 4, 4, dtype=torch.bool)
     score = red.importance(q, k, allowed, valid)
     assert int(score.argmax()) == 1
+
+
+@pytest.mark.parametrize("family", ["qwen2", "llama", "mistral", "phi3", "qwen3", "gemma"])
+def test_pruning_scores_read_the_attention_the_model_computes(family):
+    """The rotated queries and keys behind the importance score give the model's own attention probabilities
+    (eager attention weights of layer 0), for each decoder family, Phi-3's fused qkv_proj included."""
+    from mmembed.tokens.prune import _qk
+
+    extra = {"gemma": ["model.backbone.config.head_dim=16"], "phi3": ["model.backbone.config.pad_token_id=0"]}
+    model = build(
+        f"model.backbone.config.model_type={family}", "model.backbone.attn_implementation=eager", *extra.get(family, [])
+    )
+    lm = model.backbone.model
+    batch = model.processor(model._rows(["a red circle on the left", "x"], [rows()[1][1], None], None))
+    mask = batch["attention_mask"]
+    pos = (mask.cumsum(-1) - 1).clamp_min(0)
+    with torch.no_grad():
+        embeds = model.splice(batch)
+        ref = lm(inputs_embeds=embeds, attention_mask=mask, position_ids=pos, output_attentions=True).attentions[0]
+        q, k = _qk(lm.layers[0], embeds, lm.rotary_emb(embeds, pos))
+    logits = (q @ k.transpose(-1, -2)) * lm.layers[0].self_attn.scaling
+    n = mask.shape[1]
+    allowed = torch.ones(n, n, dtype=torch.bool).tril() & mask.bool()[:, None, None, :]
+    ours = logits.masked_fill(~allowed, float("-inf")).softmax(dim=-1)
+    rows_ok = mask.bool()  # padding query rows differ by convention only
+    assert float((ours - ref).abs().permute(0, 2, 1, 3)[rows_ok].max()) <= 1e-5
