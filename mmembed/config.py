@@ -133,6 +133,7 @@ class TrainCfg:
     lora: dict[str, Any] | None = None
     max_bad_steps: int = 5
     deepspeed: str | None = None  # an explicit DeepSpeed JSON config; otherwise built from these keys
+    export: bool = True  # write <output_dir>/final (full weights gathered, LoRA merged) when training ends
 
     def validate(self, prefix: str = "train") -> None:
         _choice(f"{prefix}.optimizer", self.optimizer, ("adamw", "sgd"))

@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -54,6 +55,7 @@ def run(name: str, overrides: list[str], out: Path, env: dict, recipe: str, fail
             return None
         raise SystemExit(f"{name} failed:\n{proc.stderr[-3000:]}")
     rows = [json.loads(ln) for ln in (out / name / "metrics.jsonl").read_text().splitlines()][1:]
+    shutil.rmtree(out / name, ignore_errors=True)
     return {
         "samples_per_s": statistics.median(r["samples_per_s"] for r in rows),
         "step_mem_mb": max(r["mem_peak_mb"] - r["mem_start_mb"] for r in rows),
@@ -92,6 +94,7 @@ def main() -> None:
         "train.lr=1e-3",
         f"train.precision={args.precision}",
         "train.save_every=0",
+        "train.export=false",
         "train.eval_every=0",
     ]
     from mmembed.config import load_recipe

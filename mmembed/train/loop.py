@@ -176,7 +176,7 @@ def train(cfg: RecipeCfg) -> TrainResult:
     # 4. final checkpoint and export
     if t.save_every and steps_done and not (out / "checkpoints" / f"step_{steps_done}").exists():
         _save(engine, out, steps_done, loader, cfg, best)
-    final = _export(engine, task, cfg, out / "final")
+    final = _export(engine, task, cfg, out / "final") if t.export else None
     logger.close()
     if rank == 0:
         print(loader.skips.summary())

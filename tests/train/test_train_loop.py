@@ -203,3 +203,12 @@ def test_micl_loss_is_weighted_in_and_exact_under_gradcache(demo_data, tmp_path)
     assert _losses(tmp_path / "gc") == pytest.approx(_losses(tmp_path / "plain"), abs=1e-5)
     a, b = _weights(tmp_path / "plain"), _weights(tmp_path / "gc")
     assert max(float((a[k] - b[k]).abs().max()) for k in a) <= 1e-5
+
+
+def test_export_false_keeps_checkpoints_and_writes_no_final(demo_data, tmp_path):
+    out = tmp_path / "noexport"
+    args = train_overrides(demo_data, out, **{"train.max_steps": 1, "train.save_every": 1, "train.export": False})
+    proc = run_train(args)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (out / "checkpoints" / "step_1" / "COMPLETE").exists() and not (out / "final").exists()
+    assert (out / "metrics.jsonl").is_file()
