@@ -42,20 +42,32 @@ def test_tiny_recipe_trains_and_its_export_reloads(recipe, demo_data, tmp_path):
     np.testing.assert_array_equal(emb, again)
 
 
-def test_gradcache_over_native_qwen2vl_batches_equals_the_plain_step(demo_data, tmp_path):
+@pytest.mark.parametrize(
+    "extra",
+    [
+        [],
+        [
+            "model.connector={type: pool_adapter, pool_size: 2, mode: adaptive}",
+            "model.reducer={type: aim, keep_ratio: 0.5}",
+        ],
+    ],
+    ids=["stock", "connector+aim"],
+)
+def test_gradcache_over_native_qwen2vl_batches_equals_the_plain_step(extra, demo_data, tmp_path):
+    """Also with a connector in place of the merger and AIM merging + pruning (sequences rebuilt by mmembed)."""
     common = {"train.max_steps": 1, "train.optimizer": "sgd", "train.lr": 0.5, "train.grad_clip": 0.0}
     plain = run_recipe(
         "recipes/tiny/qwen2vl.yaml",
-        train_overrides(demo_data, tmp_path / "plain", **common, **{"train.gradcache_chunk_size": 0}),
+        train_overrides(demo_data, tmp_path / "plain", **common, **{"train.gradcache_chunk_size": 0}) + extra,
     )
     gc = run_recipe(
         "recipes/tiny/qwen2vl.yaml",
-        train_overrides(demo_data, tmp_path / "gc", **common, **{"train.gradcache_chunk_size": 2}),
+        train_overrides(demo_data, tmp_path / "gc", **common, **{"train.gradcache_chunk_size": 2}) + extra,
     )
     assert plain.returncode == 0 and gc.returncode == 0, (plain.stderr + gc.stderr)[-3000:]
     a = load_file(tmp_path / "plain" / "final" / "model.safetensors")
     b = load_file(tmp_path / "gc" / "final" / "model.safetensors")
-    start = mmembed.build_model(ROOT / "recipes/tiny/qwen2vl.yaml", ["model.max_length=48"]).state_dict()
+    start = mmembed.build_model(ROOT / "recipes/tiny/qwen2vl.yaml", ["model.max_length=48", *extra]).state_dict()
     assert max(float((a[k] - start[k]).abs().max()) for k in a) > 1e-3, "the step must move the weights"
     assert max(float((a[k] - b[k]).abs().max()) for k in a) <= 1e-5
 
