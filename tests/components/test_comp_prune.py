@@ -98,3 +98,20 @@ def test_pruning_scores_read_the_attention_the_model_computes(family):
     ours = logits.masked_fill(~allowed, float("-inf")).softmax(dim=-1)
     rows_ok = mask.bool()  # padding query rows differ by convention only
     assert float((ours - ref).abs().permute(0, 2, 1, 3)[rows_ok].max()) <= 1e-5
+
+
+@pytest.mark.parametrize("family", ["phi3", "gemma"])
+def test_keep_all_equals_the_unpruned_forward_for_phi3_and_gemma(family):
+    extra = {"gemma": ["model.backbone.config.head_dim=16"], "phi3": ["model.backbone.config.pad_token_id=0"]}
+    over = [f"model.backbone.config.model_type={family}", *extra[family]]
+    plain = build(*over)
+    keep = build(*over, "model.reducer={type: prune, schedule: [1.0, 1.0]}")
+    prune = build(*over, "model.reducer={type: prune, schedule: [0.25]}")
+    keep.load_state_dict(plain.state_dict())
+    prune.load_state_dict(plain.state_dict())
+    texts, images, instr = rows()
+    a = plain.encode(texts=texts, images=images, instruction=instr, batch_size=5)
+    b = keep.encode(texts=texts, images=images, instruction=instr, batch_size=5)
+    c = prune.encode(texts=texts, images=images, instruction=instr, batch_size=5)
+    assert abs(a - b).max() <= 1e-5
+    assert abs(a - c).max() > 1e-4 and abs(a[0] - c[0]).max() <= 1e-5  # row 0 has no image: nothing to prune
