@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from mmembed.backbones.native import TINY_TEXT_CONFIG, NativeVLM, from_config_or_name, load_hf_processor
+from mmembed.backbones.native import TINY_TEXT_CONFIG, NativeVLM, load_hf_processor, load_native
 from mmembed.backbones.splice import VisualItem, image_runs, line_positions
 from mmembed.processing import InputError
 from mmembed.registry import BACKBONES
@@ -122,21 +122,9 @@ class Llava(NativeVLM):
         add_eos: bool = True,
     ) -> None:
         super().__init__()
-        if name:  # a checkpoint wins over a tiny config left in the recipe (model.backbone.name=... override)
-            from transformers import AutoConfig
-
-            config, model_type = None, AutoConfig.from_pretrained(name).model_type
-            processor = None if processor in ("tiny", "tiny-siglip") else processor
-        elif config is not None:
-            model_type = config.get("model_type", "llava")
-        else:
-            raise ValueError("llava needs 'name' (hub id or directory) or 'config'")
-        if model_type not in _CLASSES:
-            raise ValueError(f"llava: model_type must be one of {', '.join(_CLASSES)}, got {model_type!r}")
-        model = from_config_or_name(_CLASSES[model_type], name, config, pretrained, dtype, attn_implementation)
-        spec = processor or name
-        if spec is None:
-            raise ValueError("llava built from 'config' needs 'processor' (a directory, hub id or 'tiny')")
+        model, model_type, spec = load_native(
+            "llava", _CLASSES, name, config, pretrained, processor, ("tiny", "tiny-siglip"), dtype, attn_implementation
+        )
         if spec in ("tiny", "tiny-siglip"):
             vc = model.config.vision_config
             strategy = model.config.vision_feature_select_strategy

@@ -271,6 +271,40 @@ def load_hf_processor(spec: str) -> Any:
     return AutoProcessor.from_pretrained(spec)
 
 
+def load_native(
+    family: str,
+    classes: dict[str, str],
+    name: str | None,
+    config: dict[str, Any] | None,
+    pretrained: bool,
+    processor: str | None,
+    tiny: tuple[str, ...],
+    dtype: str,
+    attn: str,
+) -> tuple[Any, str, str]:
+    """(HF base model, its ``model_type``, the processor spec) for a native backbone ``family``.
+
+    A checkpoint (``name``) wins over a tiny ``config`` and a ``tiny`` processor left in the recipe, so
+    ``model.backbone.name=...`` on a tiny recipe loads the real model with its own processor.
+    """
+    if name:
+        from transformers import AutoConfig
+
+        config, model_type = None, AutoConfig.from_pretrained(name).model_type
+        processor = None if processor in tiny else processor
+    elif config is not None:
+        model_type = config.get("model_type", family)
+    else:
+        raise ValueError(f"{family} needs 'name' (hub id or directory) or 'config'")
+    if model_type not in classes:
+        raise ValueError(f"{family}: model_type must be one of {', '.join(classes)}, got {model_type!r}")
+    model = from_config_or_name(classes[model_type], name, config, pretrained, dtype, attn)
+    spec = processor or name
+    if spec is None:
+        raise ValueError(f"{family} built from 'config' needs 'processor' (a directory, hub id or 'tiny')")
+    return model, model_type, spec
+
+
 def from_config_or_name(
     cls_name: str, name: str | None, config: dict[str, Any] | None, pretrained: bool, dtype: str, attn: str
 ) -> Any:

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from mmembed.backbones.native import TINY_TEXT_CONFIG, NativeVLM, from_config_or_name, load_hf_processor
+from mmembed.backbones.native import TINY_TEXT_CONFIG, NativeVLM, load_hf_processor, load_native
 from mmembed.backbones.splice import VisualItem, grid_positions, line_positions
 from mmembed.processing import InputError
 from mmembed.registry import BACKBONES
@@ -124,21 +124,9 @@ class Qwen2VL(NativeVLM):
     ) -> None:
         super().__init__()
         self.check_config({"min_pixels": min_pixels, "max_pixels": max_pixels})
-        if name:  # a checkpoint wins over a tiny config left in the recipe (model.backbone.name=... override)
-            from transformers import AutoConfig
-
-            config, model_type = None, AutoConfig.from_pretrained(name).model_type
-            processor = None if processor == "tiny" else processor
-        elif config is not None:
-            model_type = config.get("model_type", "qwen2_vl")
-        else:
-            raise ValueError("qwen2_vl needs 'name' (hub id or directory) or 'config'")
-        if model_type not in _CLASSES:
-            raise ValueError(f"qwen2_vl: model_type must be one of {', '.join(_CLASSES)}, got {model_type!r}")
-        model = from_config_or_name(_CLASSES[model_type], name, config, pretrained, dtype, attn_implementation)
-        spec = processor or name
-        if spec is None:
-            raise ValueError("qwen2_vl built from 'config' needs 'processor' (a directory, hub id or 'tiny')")
+        model, _, spec = load_native(
+            "qwen2_vl", _CLASSES, name, config, pretrained, processor, ("tiny",), dtype, attn_implementation
+        )
         proc = build_tiny_qwen2vl_processor() if spec == "tiny" else load_hf_processor(spec)
         size = dict(proc.image_processor.size)
         if min_pixels is not None:
