@@ -8,9 +8,21 @@ from __future__ import annotations
 
 from functools import lru_cache
 
-__all__ = ["build_tiny_tokenizer", "TINY_SPECIAL_TOKENS"]
+__all__ = ["build_tiny_tokenizer", "TINY_SPECIAL_TOKENS", "TINY_CLIP_VISION_CONFIG"]
 
 TINY_SPECIAL_TOKENS = ["<pad>", "<unk>", "<s>", "</s>"]
+
+#: A 2-layer, 32-wide CLIP vision tower on 32 px images with 8 px patches (a 4x4 grid), random init; with
+#: ``model_type: siglip_vision_model`` the same sizes give a tiny SigLIP tower.
+TINY_CLIP_VISION_CONFIG = {
+    "model_type": "clip_vision_model",
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 2,
+    "image_size": 32,
+    "patch_size": 8,
+}
 
 _WORDS = (
     "red green blue yellow purple orange black white gray pink cyan brown "

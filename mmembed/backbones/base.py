@@ -24,8 +24,8 @@ class Backbone(nn.Module):
     add_eos: bool = True
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """(B, L) ids -> (B, L, d) token embeddings."""
-        raise NotImplementedError
+        """(B, L) ids -> (B, L, d) token embeddings of the wrapped HF model."""
+        return self.model.get_input_embeddings()(input_ids)
 
     def forward(
         self,
@@ -72,3 +72,8 @@ class Backbone(nn.Module):
         args.pop("config", None)
         args.update(name="backbone", pretrained=False, **{arg: arg for arg in files})
         return args
+
+
+def hidden_of(out: Any, all_layers: bool) -> torch.Tensor | tuple[torch.Tensor, ...]:
+    """An HF model output -> last hidden state (B, L, d), or every layer's output (the embedding layer dropped)."""
+    return tuple(out.hidden_states[1:]) if all_layers else out.last_hidden_state

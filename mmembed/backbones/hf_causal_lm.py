@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from mmembed.backbones.base import Backbone
+from mmembed.backbones.base import Backbone, hidden_of
 from mmembed.registry import BACKBONES
 
 __all__ = ["HFCausalLM", "load_tokenizer"]
@@ -147,9 +147,6 @@ class HFCausalLM(Backbone):
         )
         return attention_mask if mask is None else mask  # flash-attention keeps the 2-D mask
 
-    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.model.get_input_embeddings()(input_ids)
-
     def forward(
         self,
         inputs_embeds: torch.Tensor,
@@ -164,9 +161,7 @@ class HFCausalLM(Backbone):
             output_hidden_states=all_layers,
             use_cache=False,
         )
-        if all_layers:
-            return tuple(out.hidden_states[1:])  # drop the embedding layer
-        return out.last_hidden_state
+        return hidden_of(out, all_layers)
 
     def forward_pruned(
         self,

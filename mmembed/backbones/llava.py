@@ -17,21 +17,13 @@ from mmembed.backbones.native import TINY_TEXT_CONFIG, NativeVLM, load_hf_proces
 from mmembed.backbones.splice import VisualItem, image_runs, line_positions
 from mmembed.processing import InputError
 from mmembed.registry import BACKBONES
+from mmembed.tiny import TINY_CLIP_VISION_CONFIG
 
 __all__ = ["Llava", "build_tiny_llava_processor", "TINY_LLAVA_CONFIG", "TINY_LLAVA_NEXT_CONFIG"]
 
 _CLASSES = {"llava": "LlavaForConditionalGeneration", "llava_next": "LlavaNextForConditionalGeneration"}
 
 _TINY_TEXT = {"model_type": "qwen2", **TINY_TEXT_CONFIG}
-_TINY_CLIP = {
-    "model_type": "clip_vision_model",
-    "hidden_size": 32,
-    "intermediate_size": 64,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 2,
-    "image_size": 32,
-    "patch_size": 8,
-}
 
 #: A tiny random-init LLaVA: CLIP tower (32 px, 4x4 patches -> 16 visual tokens) + 2-layer Qwen2; ``<image>`` = 400.
 TINY_LLAVA_CONFIG: dict[str, Any] = {
@@ -40,11 +32,11 @@ TINY_LLAVA_CONFIG: dict[str, Any] = {
     "vision_feature_select_strategy": "default",
     "vision_feature_layer": -2,
     "image_seq_length": 16,
-    "vision_config": _TINY_CLIP,
+    "vision_config": TINY_CLIP_VISION_CONFIG,
     "text_config": _TINY_TEXT,
 }
 _TINY_SIGLIP = {**TINY_LLAVA_CONFIG, "vision_feature_select_strategy": "full", "vision_feature_layer": -1}
-_TINY_SIGLIP["vision_config"] = {**_TINY_CLIP, "model_type": "siglip_vision_model"}
+_TINY_SIGLIP["vision_config"] = {**TINY_CLIP_VISION_CONFIG, "model_type": "siglip_vision_model"}
 #: LLaVA-Next twin: any-res tiles on a 32 px base (up to 2x2 tiles + the overview, newline token per row).
 TINY_LLAVA_NEXT_CONFIG: dict[str, Any] = {
     **TINY_LLAVA_CONFIG,

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from mmembed.backbones.base import Backbone
+from mmembed.backbones.base import Backbone, hidden_of
 from mmembed.backbones.native_processor import NativeProcessor
 from mmembed.backbones.splice import Spliced, VisualItem, splice_visual
 
@@ -118,9 +118,6 @@ class NativeVLM(Backbone):
     def language_model(self) -> Any:
         return self.base_model().language_model
 
-    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.model.get_input_embeddings()(input_ids)
-
     def forward(
         self,
         inputs_embeds: torch.Tensor,
@@ -128,7 +125,8 @@ class NativeVLM(Backbone):
         position_ids: torch.Tensor,
         all_layers: bool = False,
     ) -> torch.Tensor | tuple[torch.Tensor, ...]:
-        """Text-only path: (B, L, d) embeddings through the language model with (B, L) positions."""
+        """(B, L, d) embeddings through the language model (no vision tower) with (B, L) positions, or (3, B, L)
+        M-RoPE ids for Qwen2-VL."""
         out = self.language_model()(
             inputs_embeds=inputs_embeds,
             attention_mask=attention_mask,
@@ -136,7 +134,7 @@ class NativeVLM(Backbone):
             output_hidden_states=all_layers,
             use_cache=False,
         )
-        return tuple(out.hidden_states[1:]) if all_layers else out.last_hidden_state
+        return hidden_of(out, all_layers)
 
     # ------------------------------------------------------------------------------------------
     # visual tokens: the built-in projector or an mmembed connector, then the optional reducer
@@ -215,30 +213,21 @@ class NativeVLM(Backbone):
         if not text_only and self.needs_splice(reducer):
             sp = self.spliced_inputs(batch, reducer)
             pos = sp.position_ids if self.mrope else sp.position_ids[0]
-            lm = self.language_model()
             if reducer is not None and getattr(reducer, "in_llm", False):
                 from mmembed.tokens.prune import pruned_forward
 
                 hidden, kept = pruned_forward(
-                    lm, sp.embeds, sp.attention_mask, pos, sp.visual, reducer, all_layers=all_layers
+                    self.language_model(), sp.embeds, sp.attention_mask, pos, sp.visual, reducer, all_layers=all_layers
                 )
                 return hidden, sp.attention_mask * kept, sp.pool_mask * kept
-            out = lm(
-                inputs_embeds=sp.embeds,
-                attention_mask=sp.attention_mask,
-                position_ids=pos,
-                output_hidden_states=all_layers,
-                use_cache=False,
-            )
-            hidden = tuple(out.hidden_states[1:]) if all_layers else out.last_hidden_state
-            return hidden, sp.attention_mask, sp.pool_mask
+            return self.forward(sp.embeds, sp.attention_mask, pos, all_layers), sp.attention_mask, sp.pool_mask
         kwargs = {k: batch[k] for k in self.model_keys if k in batch and batch[k] is not None}
         if text_only:
             kwargs.pop("pixel_values", None)
         else:
             kwargs["pixel_values"] = kwargs["pixel_values"].to(self.model_dtype())
         out = self.model(**kwargs, output_hidden_states=all_layers, use_cache=False)
-        hidden = tuple(out.hidden_states[1:]) if all_layers else out.last_hidden_state
+        hidden = hidden_of(out, all_layers)
         if uniform and text_only:
             zero = 0.0 * self.blank_visual()
             hidden = (*hidden[:-1], hidden[-1] + zero.to(hidden[-1].dtype)) if all_layers else hidden + zero

@@ -12,6 +12,7 @@ import torch
 from mmembed.encoders.base import VisionEncoder
 from mmembed.images import ImageTransform
 from mmembed.registry import VISION
+from mmembed.tiny import TINY_CLIP_VISION_CONFIG
 
 __all__ = ["HFVisionEncoder"]
 
@@ -33,29 +34,8 @@ class HFVisionEncoder(VisionEncoder):
     """
 
     example_args = [
-        {
-            "config": {
-                "model_type": "clip_vision_model",
-                "hidden_size": 32,
-                "intermediate_size": 64,
-                "num_hidden_layers": 2,
-                "num_attention_heads": 2,
-                "image_size": 32,
-                "patch_size": 8,
-            },
-            "layer": -2,
-        },
-        {
-            "config": {
-                "model_type": "siglip_vision_model",
-                "hidden_size": 32,
-                "intermediate_size": 64,
-                "num_hidden_layers": 2,
-                "num_attention_heads": 2,
-                "image_size": 32,
-                "patch_size": 8,
-            }
-        },
+        {"config": TINY_CLIP_VISION_CONFIG, "layer": -2},
+        {"config": {**TINY_CLIP_VISION_CONFIG, "model_type": "siglip_vision_model"}},
     ]
 
     def __init__(
