@@ -15,6 +15,9 @@ from typing import Any
 __all__ = ["main", "read_rows"]
 
 
+_TRUST_HELP = "let transformers run Python code shipped with the model directory (off: a directory never opts in)"
+
+
 class UsageError(ValueError):
     """Bad command-line input: printed without a traceback, exit code 2."""
 
@@ -62,7 +65,7 @@ def _encode(args: argparse.Namespace) -> int:
     texts, images, instructions = read_rows(args.input)
     if args.instruction is not None:
         instructions = [i if i is not None else args.instruction for i in instructions]
-    model = mmembed.load(args.model_dir, device=args.device)
+    model = mmembed.load(args.model_dir, device=args.device, trust_remote_code=args.trust_remote_code)
     emb = model.encode(
         texts=texts, images=images, instruction=instructions, batch_size=args.batch_size, show_progress_bar=None
     )
@@ -77,6 +80,7 @@ def _validate(args: argparse.Namespace) -> int:
     from mmembed.config import load_recipe
 
     cfg = load_recipe(args.recipe, args.overrides)
+    cfg.check_paths()
     print(f"{args.recipe}: ok (model backbone {cfg.model.backbone['type']}, pooler {cfg.model.pooler['type']})")
     return 0
 
@@ -115,6 +119,7 @@ def _eval(args: argparse.Namespace) -> int:
             n_examples=args.examples,
             image_root=args.image_root,
             device=args.device,
+            trust_remote_code=args.trust_remote_code,
         )
     except (ValueError, KeyError) as e:
         raise UsageError(str(e)) from None
@@ -136,6 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--instruction", default=None, help="instruction for rows that have none")
     e.add_argument("--batch-size", type=int, default=32)
     e.add_argument("--device", default=None)
+    e.add_argument("--trust-remote-code", action="store_true", help=_TRUST_HELP)
     e.set_defaults(func=_encode)
     t = sub.add_parser("train", help="train a recipe on one process (use `deepspeed -m mmembed.train` to scale)")
     t.add_argument("recipe")
@@ -162,6 +168,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--examples", type=int, default=3, help="queries per dataset shown in examples.html")
     ev.add_argument("--image-root", default=None)
     ev.add_argument("--device", default=None)
+    ev.add_argument("--trust-remote-code", action="store_true", help=_TRUST_HELP)
     ev.set_defaults(func=_eval)
     return p
 
@@ -169,6 +176,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     from mmembed.config import ConfigError
     from mmembed.images import ImageError
+    from mmembed.io import ModelDirError
     from mmembed.processing import InputError
 
     args = build_parser().parse_args(argv)
@@ -177,7 +185,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"mmembed: config error: {e}", file=sys.stderr)
         return 2
-    except (UsageError, InputError, ImageError, FileNotFoundError) as e:
+    except (UsageError, InputError, ImageError, ModelDirError, FileNotFoundError) as e:
         print(f"mmembed: error: {e}", file=sys.stderr)
         return 2
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import os
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -30,6 +31,8 @@ __all__ = [
     "model_cfg_from_dict",
     "slot_type",
     "slot_args",
+    "iter_keys",
+    "check_metric_name",
 ]
 
 SLOTS = ("vision", "connector", "reducer", "backbone", "pooler", "fusion")
@@ -82,6 +85,11 @@ class ModelCfg:
             raise ConfigError(f"{prefix}.max_length", f"must be >= 2, got {self.max_length}")
         if self.embed_dim is not None and self.embed_dim <= 0:
             raise ConfigError(f"{prefix}.embed_dim", f"must be positive or null, got {self.embed_dim}")
+        _at_least(f"{prefix}.max_pixels", self.max_pixels, 1)
+        _at_least(f"{prefix}.max_images_per_input", self.max_images_per_input, 1)
+        for key, name, value in iter_keys(self.vision, f"{prefix}.vision"):
+            if name in _POSITIVE_SIZES and value is not None:
+                _at_least(key, value, 1)
 
 
 @dataclass
@@ -104,6 +112,15 @@ class DataCfg:
             raise ConfigError(f"{prefix}.num_workers", f"must be >= 0, got {self.num_workers}")
         if self.num_negatives < 0:
             raise ConfigError(f"{prefix}.num_negatives", f"must be >= 0, got {self.num_negatives}")
+        _at_least(f"{prefix}.max_pixels", self.max_pixels, 1)
+        _at_least(f"{prefix}.shuffle_buffer", self.shuffle_buffer, 0, "(0 turns shuffling off)")
+
+    def check_paths(self, prefix: str = "data") -> None:
+        """The files and folders this config names exist (``mmembed validate`` and ``mmembed train``)."""
+        for key in ("train", "eval", "image_root"):
+            value = getattr(self, key)
+            if value and not Path(value).exists():
+                raise ConfigError(f"{prefix}.{key}", f"{value} does not exist")
 
 
 @dataclass
@@ -151,6 +168,19 @@ class TrainCfg:
             )
         if self.max_steps < 1:
             raise ConfigError(f"{prefix}.max_steps", f"must be >= 1, got {self.max_steps}")
+        if not self.lr >= 0:
+            raise ConfigError(f"{prefix}.lr", f"must be >= 0, got {self.lr}")
+        for key, low, note in (
+            ("weight_decay", 0, ""),
+            ("grad_clip", 0, "(0 turns clipping off)"),
+            ("warmup_steps", 0, ""),
+            ("save_every", 0, "(0: only at the end)"),
+            ("eval_every", 0, "(0: no eval during training)"),
+            ("log_every", 1, ""),
+            ("max_bad_steps", 1, ""),
+        ):
+            _at_least(f"{prefix}.{key}", getattr(self, key), low, note)
+        check_metric_name(f"{prefix}.eval_metric", self.eval_metric)
         if self.lora is not None:
             allowed = ("r", "alpha", "dropout", "target_modules", "use_dora", "init")
             for key in self.lora:
@@ -158,6 +188,13 @@ class TrainCfg:
                     close = difflib.get_close_matches(key, allowed, n=1, cutoff=0.5)
                     hint = f" Did you mean '{close[0]}'?" if close else ""
                     raise ConfigError(f"{prefix}.lora.{key}", f"unknown LoRA key.{hint} Allowed: {', '.join(allowed)}")
+
+    def check_paths(self, prefix: str = "train") -> None:
+        """``train.resume`` and ``train.deepspeed`` name files that exist."""
+        if self.resume not in ("none", "auto", "") and not Path(self.resume).is_dir():
+            raise ConfigError(f"{prefix}.resume", f"{self.resume} is not a checkpoint folder (or use auto / none)")
+        if self.deepspeed and not Path(self.deepspeed).is_file():
+            raise ConfigError(f"{prefix}.deepspeed", f"DeepSpeed config not found: {self.deepspeed}")
 
 
 @dataclass
@@ -177,6 +214,14 @@ class RecipeCfg:
         self.data.validate()
         self.train.validate()
         _check_slot("loss", self.loss, LOSSES)
+
+    def check_paths(self) -> None:
+        """Every data path, image root, checkpoint and DeepSpeed JSON the recipe names exists (names the key)."""
+        try:
+            self.data.check_paths()
+            self.train.check_paths()
+        except ConfigError as e:
+            raise ConfigError(e.key, e.message, self.source) from None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -208,6 +253,40 @@ def _check_slot(key: str, node: Any, registry: Any) -> None:
             check(slot_args(node))
         except ConfigError as e:  # re-root the component's own key
             raise ConfigError(f"{key}.{e.key}" if e.key else key, e.message) from None
+
+
+_POSITIVE_SIZES = ("image_size", "patch_size")
+_METRIC = re.compile(r"^((hit|recall|ndcg)@[1-9][0-9]*|mrr)$")
+_GROUP = re.compile(r"^[A-Z][A-Z0-9_]*$")  # meta-tasks (CLS, VQA, RET, VG, custom) and splits (IND, OOD)
+
+
+def check_metric_name(key: str, name: str) -> None:
+    """``train.eval_metric``: overall, a mean metric (``mrr``, ``hit@5``), a meta-task or split, ``DATASET/METRIC``."""
+    if name in ("overall", "hit@1", "mean_hit@1") or _METRIC.match(name) or _GROUP.match(name):
+        return
+    if "/" in name and _METRIC.match(name.rsplit("/", 1)[1]) and name.rsplit("/", 1)[0]:
+        return
+    raise ConfigError(
+        key,
+        f"unknown eval metric {name!r}; allowed: overall, mrr, hit@K, recall@K, ndcg@K, a meta-task or split in "
+        "capitals (CLS, VQA, RET, VG, IND, OOD), or DATASET/METRIC (e.g. N24News/hit@1)",
+    )
+
+
+def _at_least(key: str, value: Any, low: float, note: str = "") -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= low:
+        raise ConfigError(key, f"must be >= {low}{' ' + note if note else ''}, got {value!r}")
+
+
+def iter_keys(node: Any, path: str) -> Any:
+    """``(dotted key, key, value)`` for every entry of nested dicts and lists."""
+    if isinstance(node, dict):
+        for k, v in node.items():
+            yield f"{path}.{k}", k, v
+            yield from iter_keys(v, f"{path}.{k}")
+    elif isinstance(node, list):
+        for i, v in enumerate(node):
+            yield from iter_keys(v, f"{path}[{i}]")
 
 
 def _choice(key: str, value: Any, allowed: tuple[Any, ...]) -> None:

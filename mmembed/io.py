@@ -14,6 +14,7 @@ name and renamed when complete.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime
 import json
@@ -25,7 +26,16 @@ from typing import Any
 
 import torch
 
-__all__ = ["save_model", "load", "FORMAT_VERSION", "CONFIG_NAME", "WEIGHTS_NAME", "library_versions"]
+__all__ = [
+    "save_model",
+    "load",
+    "read_config",
+    "ModelDirError",
+    "FORMAT_VERSION",
+    "CONFIG_NAME",
+    "WEIGHTS_NAME",
+    "library_versions",
+]
 
 FORMAT_VERSION = 1
 CONFIG_NAME = "mmembed_config.json"
@@ -80,7 +90,9 @@ def save_model(model: Any, directory: str | os.PathLike, card: str | None = None
             "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         }
         (tmp / CONFIG_NAME).write_text(json.dumps(meta, indent=2, sort_keys=False) + "\n")
-        st_save(model, str(tmp / WEIGHTS_NAME), metadata={"format": "pt", "mmembed_format_version": "1"})
+        # one metadata key: safetensors writes metadata in hash-map order, so two keys would make the bytes of
+        # identical models differ (the format version lives in mmembed_config.json)
+        st_save(model, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
         (tmp / "README.md").write_text(card or _model_card(meta))
         old = None
         if directory.exists():
@@ -95,12 +107,37 @@ def save_model(model: Any, directory: str | os.PathLike, card: str | None = None
     return directory
 
 
-def load(directory: str | os.PathLike, device: str | torch.device | None = None) -> Any:
+class ModelDirError(ValueError):
+    """A model directory that cannot be loaded safely: names the file or key and what is expected."""
+
+
+_TRUST_HINT = (
+    "a saved directory never turns on remote code by itself; if you trust its author, opt in with "
+    "mmembed.load(DIR, trust_remote_code=True) (CLI: --trust-remote-code)"
+)
+
+
+def load(
+    directory: str | os.PathLike,
+    device: str | torch.device | None = None,
+    trust_remote_code: bool = False,
+) -> Any:
     """Load a saved model directory with no network access; weights are loaded strictly.
+
+    Safe by default: the directory cannot run code of its own (a saved ``trust_remote_code: true`` is refused
+    unless the caller passes ``trust_remote_code=True``), every path it names must stay inside it, nothing is
+    fetched from the hub (hub ids and ``pretrained: true`` are refused, ``HF_HUB_OFFLINE`` is forced while
+    building), and weights come from ``model.safetensors`` only.
+
+    Args:
+        directory: a folder written by :func:`save_model`.
+        device: move the model there after loading.
+        trust_remote_code: let transformers run Python code shipped with the directory's HF config.
 
     Raises:
         FileNotFoundError: not a model directory.
-        ValueError: a newer ``format_version`` than this mmembed understands.
+        ModelDirError: a config that is not JSON, an unknown ``format_version``, a path that leaves the
+            directory, a hub id, or a remote-code request without the caller's opt-in (names file and key).
     """
     from safetensors.torch import load_model as st_load
 
@@ -111,26 +148,96 @@ def load(directory: str | os.PathLike, device: str | torch.device | None = None)
     cfg_path = directory / CONFIG_NAME
     if not cfg_path.is_file():
         raise FileNotFoundError(f"{directory}: not an mmembed model directory (no {CONFIG_NAME})")
-    meta = json.loads(cfg_path.read_text())
-    version = meta.get("format_version")
-    if not isinstance(version, int) or version > FORMAT_VERSION:
-        raise ValueError(
-            f"{cfg_path}: format_version {version!r} is not supported (this mmembed reads <= {FORMAT_VERSION})"
-        )
+    meta = read_config(cfg_path)
     model_dict = dict(meta["model"])
+    _check_no_download(model_dict, cfg_path, trust_remote_code)
     backbone = dict(model_dict["backbone"])
     for key in _LOCAL_KEYS:
         value = backbone.get(key)
-        if isinstance(value, str) and (directory / value).exists():
-            backbone[key] = str(directory / value)
+        if value is not None:
+            backbone[key] = _inside(directory, value, f"model.backbone.{key}", cfg_path)
     model_dict["backbone"] = backbone
+    weights = Path(_inside(directory, WEIGHTS_NAME, WEIGHTS_NAME, cfg_path))
     cfg = model_cfg_from_dict(model_dict, source=str(cfg_path))
-    model = build_from_cfg(cfg)
-    st_load(model, str(directory / WEIGHTS_NAME), strict=True)
+    with _offline():
+        model = build_from_cfg(cfg)
+    st_load(model, str(weights), strict=True)
     model.eval()
     if device is not None:
         model.to(device)
     return model
+
+
+def read_config(cfg_path: Path) -> dict[str, Any]:
+    """``mmembed_config.json`` parsed and checked: JSON object, a known integer ``format_version``, a model."""
+    try:
+        meta = json.loads(cfg_path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ModelDirError(f"{cfg_path}: not valid JSON ({e})") from None
+    if not isinstance(meta, dict):
+        raise ModelDirError(f"{cfg_path}: expected a JSON object, got {type(meta).__name__}")
+    version = meta.get("format_version")
+    # bool is an int subclass: `true` must not pass as version 1
+    if type(version) is not int or not 1 <= version <= FORMAT_VERSION:
+        raise ModelDirError(
+            f"{cfg_path}: format_version {version!r} is not supported (this mmembed reads the integers "
+            f"1..{FORMAT_VERSION})"
+        )
+    if not isinstance(meta.get("model"), dict) or not isinstance(meta["model"].get("backbone"), dict):
+        raise ModelDirError(f"{cfg_path}: 'model' must be an object with a 'backbone' object")
+    return meta
+
+
+def _check_no_download(model_dict: dict[str, Any], cfg_path: Path, trust_remote_code: bool) -> None:
+    """Refuse what would run the directory's code or reach the network; the caller alone grants trust."""
+    from mmembed.config import iter_keys
+
+    for key, name, value in iter_keys(model_dict, "model"):
+        if name == "trust_remote_code" and value and not trust_remote_code:
+            raise ModelDirError(f"{cfg_path}: {key} is true: {_TRUST_HINT}")
+        if name == "pretrained" and value:
+            raise ModelDirError(
+                f"{cfg_path}: {key} is {value!r}: a saved model takes its weights from {WEIGHTS_NAME}, never "
+                "from a download (expected false)"
+            )
+        if name == "checkpoint_path" and value:
+            raise ModelDirError(f"{cfg_path}: {key} is set: a saved model takes its weights from {WEIGHTS_NAME}")
+
+
+def _inside(directory: Path, value: Any, key: str, cfg_path: Path) -> str:
+    """``value`` as a path inside ``directory`` (symlinks resolved, files below it too); ``tiny`` is built in."""
+    if value == "tiny" and key != WEIGHTS_NAME:
+        return value
+    root = directory.resolve()
+    if not isinstance(value, str) or not value or Path(value).is_absolute():
+        raise ModelDirError(f"{cfg_path}: {key} must be a relative path inside the model directory, got {value!r}")
+    target = (directory / value).resolve()
+    if not target.is_relative_to(root) or not target.exists():
+        raise ModelDirError(
+            f"{cfg_path}: {key} = {value!r} is not a file or folder inside {directory} (a saved model never reads "
+            "outside its directory or from the hub)"
+        )
+    for p in target.rglob("*") if target.is_dir() else ():
+        if not p.resolve().is_relative_to(root):
+            raise ModelDirError(f"{cfg_path}: {p} (under {key}) points outside the model directory")
+    return str(target)
+
+
+@contextlib.contextmanager
+def _offline() -> Any:
+    """Force the Hugging Face hub offline while a saved model builds (env var and the live constant)."""
+    import huggingface_hub.constants as hub_constants
+
+    old_env, old_flag = os.environ.get("HF_HUB_OFFLINE"), hub_constants.HF_HUB_OFFLINE
+    os.environ["HF_HUB_OFFLINE"], hub_constants.HF_HUB_OFFLINE = "1", True
+    try:
+        yield
+    finally:
+        hub_constants.HF_HUB_OFFLINE = old_flag
+        if old_env is None:
+            os.environ.pop("HF_HUB_OFFLINE", None)
+        else:
+            os.environ["HF_HUB_OFFLINE"] = old_env
 
 
 def _model_card(meta: dict[str, Any]) -> str:

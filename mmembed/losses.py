@@ -119,16 +119,9 @@ class InfoNCELoss(nn.Module):
         gather: bool = True,
     ) -> None:
         super().__init__()
-        if not temperature > 0:
-            raise ValueError(f"loss temperature must be > 0, got {temperature}")
-        if not max_scale > 0:
-            raise ValueError(f"loss max_scale must be > 0, got {max_scale}")
-        if learnable_temperature and 1.0 / temperature > max_scale:
-            raise ValueError(f"loss temperature {temperature} gives scale {1 / temperature:g} > max_scale {max_scale}")
-        if symmetric and not in_batch_negatives:
-            raise ValueError("loss symmetric=True needs in_batch_negatives=True (no other queries to contrast with)")
-        if false_negative_margin is not None and false_negative_margin < 0:
-            raise ValueError(f"loss false_negative_margin must be >= 0, got {false_negative_margin}")
+        args = dict(temperature=temperature, learnable_temperature=learnable_temperature, max_scale=max_scale)
+        args.update(symmetric=symmetric, in_batch_negatives=in_batch_negatives)
+        self.check_config({**args, "false_negative_margin": false_negative_margin})
         self.temperature = float(temperature)
         self.learnable_temperature = bool(learnable_temperature)
         self.max_scale = float(max_scale)
@@ -141,6 +134,24 @@ class InfoNCELoss(nn.Module):
             self.log_scale = nn.Parameter(torch.tensor([math.log(1.0 / self.temperature)]))
         else:
             self.register_parameter("log_scale", None)
+
+    @staticmethod
+    def check_config(args: dict[str, Any]) -> None:
+        """Refuse impossible settings before anything is built (``mmembed validate`` runs this)."""
+        from mmembed.config import ConfigError
+
+        t, max_scale = args.get("temperature", 0.02), args.get("max_scale", 100.0)
+        if not (isinstance(t, (int, float)) and not isinstance(t, bool) and t > 0):
+            raise ConfigError("temperature", f"must be a number > 0 (VLM2Vec uses 0.02), got {t!r}")
+        if not (isinstance(max_scale, (int, float)) and max_scale > 0):
+            raise ConfigError("max_scale", f"must be a number > 0, got {max_scale!r}")
+        if args.get("learnable_temperature") and 1.0 / t > max_scale:
+            raise ConfigError("temperature", f"{t} gives scale {1 / t:g} > max_scale {max_scale}")
+        if args.get("symmetric") and not args.get("in_batch_negatives", True):
+            raise ConfigError("symmetric", "needs in_batch_negatives=True (no other queries to contrast with)")
+        margin = args.get("false_negative_margin")
+        if margin is not None and not margin >= 0:
+            raise ConfigError("false_negative_margin", f"must be >= 0 or null, got {margin!r}")
 
     @property
     def scale(self) -> float:

@@ -24,6 +24,20 @@ from mmembed.processing import InputError, Processor
 __all__ = ["EmbeddingModel"]
 
 
+def _check_text(row: int, what: str, value: Any) -> None:
+    """A text field is ``None`` or a string the tokenizer can take (no lone UTF-16 surrogates)."""
+    if value is None:
+        return
+    if not isinstance(value, str):
+        raise InputError(f"row {row}: {what} must be a string or None, got {type(value).__name__} {value!r:.40}")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise InputError(
+            f"row {row}: {what} is not valid Unicode (lone surrogate {value[e.start]!r} at character {e.start})"
+        ) from None
+
+
 class EmbeddingModel(nn.Module):
     """One normalized vector per input (text, image(s), or both), steered by an instruction.
 
@@ -205,6 +219,8 @@ class EmbeddingModel(nn.Module):
         """
         from tqdm.auto import tqdm
 
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
         sides = self._rows(texts, images, instruction)
         out = torch.empty(len(sides), self.embed_dim, dtype=torch.float32)
         order = sorted(range(len(sides)), key=lambda i: -self.processor.length(sides[i]))
@@ -242,6 +258,8 @@ class EmbeddingModel(nn.Module):
                 raise ValueError(f"{len(instructions)} instructions for {n} rows")
         sides = []
         for i in range(n):
+            for what, value in (("text", None if texts is None else texts[i]), ("instruction", instructions[i])):
+                _check_text(i, what, value)
             img = None if images is None else images[i]
             imgs = [] if img is None else (list(img) if isinstance(img, (list, tuple)) else [img])
             sides.append(Side(instruction=instructions[i], text=None if texts is None else texts[i], images=imgs))

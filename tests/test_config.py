@@ -71,3 +71,53 @@ def test_every_recipe_validates():
     assert recipes, "no recipes found"
     for path in recipes:
         load_recipe(path)
+
+
+IMPOSSIBLE = {
+    "train.lr=-1": "train.lr",
+    "loss={type: infonce, temperature: 0}": "loss.temperature",
+    "loss={type: infonce, temperature: -0.1}": "loss.temperature",
+    "train.weight_decay=-1": "train.weight_decay",
+    "train.grad_clip=-1": "train.grad_clip",
+    "train.warmup_steps=-10": "train.warmup_steps",
+    "train.save_every=-3": "train.save_every",
+    "train.eval_every=-1": "train.eval_every",
+    "train.log_every=0": "train.log_every",
+    "train.max_bad_steps=0": "train.max_bad_steps",
+    "model.max_pixels=-5": "model.max_pixels",
+    "data.max_pixels=-5": "data.max_pixels",
+    "data.shuffle_buffer=-1": "data.shuffle_buffer",
+    "model.vision.image_size=0": "model.vision.image_size",
+    "model.vision.image_size=-1": "model.vision.image_size",
+    "model.max_images_per_input=0": "model.max_images_per_input",
+    "train.eval_metric=acuracy": "train.eval_metric",
+    "data.train=/nonexistent/train.yaml": "data.train",
+    "train.resume=/nonexistent/step_5": "train.resume",
+    "data.image_root=/nonexistent/images": "data.image_root",
+    "train.deepspeed=/nonexistent/ds.json": "train.deepspeed",
+}
+
+
+@pytest.mark.parametrize("override", list(IMPOSSIBLE))
+def test_validate_rejects_impossible_values_naming_the_key(override, capsys):
+    from mmembed.cli import main
+
+    recipe = ROOT / "recipes" / "tiny" / "composed.yaml"
+    assert main(["validate", str(recipe), override]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"mmembed: config error: {IMPOSSIBLE[override]}:"), err
+
+
+def test_validate_accepts_the_boundaries(capsys):
+    from mmembed.cli import main
+
+    recipe = ROOT / "recipes" / "tiny" / "composed.yaml"
+    ok = [
+        "train.lr=0",
+        "train.grad_clip=0",
+        "data.shuffle_buffer=0",
+        "train.eval_metric=RET",
+        "train.eval_metric=x/mrr",
+    ]
+    for override in ok:
+        assert main(["validate", str(recipe), override]) == 0, capsys.readouterr().err

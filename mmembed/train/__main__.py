@@ -21,6 +21,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     try:
         cfg = load_recipe(args.recipe, args.overrides)
+        cfg.check_paths()  # before anything heavy is built
         if not cfg.data.train:
             raise ConfigError(
                 "data.train", "no training data: set data.train (a manifest, directory or file)", cfg.source
