@@ -56,7 +56,8 @@ class Plan:
         query_idx: (N,) index into ``sides`` of each row's query.
         cand_idx: per row, the indices into ``sides`` of its candidates (positive at ``ex.positive``).
         missing: (U,) True where the input has a missing image file: never encoded.
-        missing_rows: (N,) True where the row's query or any candidate has a missing image.
+        missing_rows: (N,) True where the row's query or any candidate has a missing (or, once encoded,
+            unreadable) image.
         fingerprint: hash of the ordered inputs (changes with the file, instructions or placeholder).
     """
 
@@ -68,6 +69,8 @@ class Plan:
     missing_rows: np.ndarray
     fingerprint: str
     examples: Sequence[EvalExample] = field(default_factory=list)
+    unreadable_rows: np.ndarray | None = None  # set by encode_plan: rows whose image could not be decoded
+    unreadable_example: str = ""  # the first of them, "file:line: image ...: reason"
 
 
 def plan_dataset(name: str, examples: Sequence[EvalExample]) -> Plan:
@@ -223,38 +226,67 @@ class EmbeddingCache:
 
 
 class _Decode:
-    """Map-style dataset decoding the images of each side (runs in DataLoader workers)."""
+    """Map-style dataset decoding the images of each side (runs in DataLoader workers).
 
-    def __init__(self, sides: Sequence[Side]) -> None:
-        self.sides = sides
+    Item ``i`` is ``(decoded side, None)`` or ``(None, reason)`` for an input whose image cannot be decoded: the
+    evaluator scores such rows as misses instead of stopping (MMEB keeps them in the denominator)."""
+
+    def __init__(self, sides: Sequence[Side], max_pixels: int | None = None) -> None:
+        self.sides, self.max_pixels = sides, max_pixels
 
     def __len__(self) -> int:
         return len(self.sides)
 
-    def __getitem__(self, i: int) -> Side:
+    def __getitem__(self, i: int) -> tuple[Side | None, str | None]:
         from mmembed.data.dataset import decode_side
+        from mmembed.data.skips import BadSample
 
-        return decode_side(self.sides[i])
+        try:
+            if self.max_pixels is None:
+                return decode_side(self.sides[i]), None
+            return decode_side(self.sides[i], self.max_pixels), None
+        except BadSample as e:
+            return None, e.detail
 
 
 def _identity(x: Any) -> Any:
     return x
 
 
-def _encode_sides(model: Any, sides: Sequence[Side], batch_size: int, num_workers: int) -> np.ndarray:
+def _encode_sides(
+    model: Any, sides: Sequence[Side], batch_size: int, num_workers: int, group: int = 256
+) -> tuple[np.ndarray, dict[int, str]]:
+    """``(len(sides), D)`` embeddings (rows of unreadable inputs are 0) and ``{position: reason}`` of those.
+
+    Images are decoded ``group`` rows at a time (in ``num_workers`` DataLoader workers when > 0), so memory holds
+    one group of decoded images, never the whole block."""
+    max_pixels = getattr(getattr(model, "processor", None), "max_pixels", None)
+    decoder = _Decode(sides, max_pixels)
+    items: Any = (decoder[i] for i in range(len(sides)))
     if num_workers > 0 and any(s.images for s in sides):
         from torch.utils.data import DataLoader
 
-        loader = DataLoader(_Decode(sides), batch_size=None, num_workers=num_workers, collate_fn=_identity)
-        sides = list(loader)
-    emb = model.encode(
-        texts=[s.text for s in sides],
-        images=[list(s.images) or None for s in sides],
-        instruction=[s.instruction for s in sides],
-        batch_size=batch_size,
-        show_progress_bar=False,
-    )
-    return np.asarray(emb, dtype=np.float32)
+        items = iter(DataLoader(decoder, batch_size=None, num_workers=num_workers, collate_fn=_identity))
+    out: np.ndarray | None = None
+    bad: dict[int, str] = {}
+    for start in range(0, len(sides), group):
+        chunk = [next(items) for _ in range(min(group, len(sides) - start))]
+        good = [j for j, (side, _) in enumerate(chunk) if side is not None]
+        bad.update({start + j: reason for j, (side, reason) in enumerate(chunk) if side is None})
+        if not good:
+            continue
+        emb = model.encode(
+            texts=[chunk[j][0].text for j in good],
+            images=[list(chunk[j][0].images) or None for j in good],
+            instruction=[chunk[j][0].instruction for j in good],
+            batch_size=batch_size,
+            show_progress_bar=False,
+        )
+        emb = np.asarray(emb, dtype=np.float32)
+        if out is None:
+            out = np.zeros((len(sides), emb.shape[1]), dtype=np.float32)
+        out[[start + j for j in good]] = emb
+    return (out if out is not None else np.zeros((len(sides), 0), dtype=np.float32)), bad
 
 
 def encode_plan(
@@ -286,6 +318,7 @@ def encode_plan(
     stats = {"encoded": int(todo.size), "cached": int(have.sum()), "missing": int(plan.missing.sum())}
     world, rank = dist.get_world_size(), dist.get_rank()
     parts: list[tuple[np.ndarray, np.ndarray]] = []
+    unreadable: dict[int, str] = {}
     step = max(block_rows, world * batch_size)
     for start in range(0, todo.size, step):
         block = todo[start : start + step]
@@ -295,17 +328,26 @@ def encode_plan(
         if real < share:  # equal forwards on every rank: pad with a repeat of the block's first row
             mine = np.concatenate([mine, np.full(share - real, block[0])])
         try:
-            out, error = _encode_sides(model, [plan.sides[i] for i in mine], batch_size, num_workers)[:real], None
+            out, bad = _encode_sides(model, [plan.sides[i] for i in mine], batch_size, num_workers)
+            out, bad, error = out[:real], {int(mine[j]): r for j, r in bad.items() if j < real}, None
         except Exception as e:  # noqa: BLE001 - re-raised on every rank after the gather
             if world == 1:
                 raise
-            out, error = np.zeros((0, 0), dtype=np.float32), f"eval set '{plan.name}', rank {rank}: {e}"
-        gathered = dist.all_gather_object((mine[:real], out, error))
+            out, bad = np.zeros((0, 0), dtype=np.float32), {}
+            error = f"eval set '{plan.name}', rank {rank}: {e}"
+        gathered = dist.all_gather_object((mine[:real], out, error, bad))
         errors = [g[2] for g in gathered if g[2]]
         if errors:
             raise RuntimeError(errors[0])
+        for g in gathered:
+            unreadable.update(g[3])
         idx = np.concatenate([g[0] for g in gathered])
         emb = np.concatenate([g[1] for g in gathered if g[1].size] or [out])
+        if unreadable:  # never cache an unreadable input: a fixed file is encoded on the next run
+            keep = ~np.isin(idx, list(unreadable))
+            idx, emb = idx[keep], emb[keep]
+        if not idx.size:
+            continue
         if dim is None:
             dim = emb.shape[1]
         elif emb.shape[1] != dim:
@@ -313,13 +355,14 @@ def encode_plan(
         if cache is not None and dist.is_main_process():
             cache.write(plan, idx, emb)
         parts.append((idx, emb))
+    _mark_unreadable(plan, unreadable)
     if dist.get_world_size() > 1 and cache is not None:
         cached = dist.broadcast_object(cached)
     d = dim or (cached.shape[1] if cached is not None else None)
     if d is None:
         if parts:
             d = parts[0][1].shape[1]
-        else:  # every input has a missing image
+        else:  # every input has a missing or unreadable image
             return np.zeros((n, 1), dtype=np.float32), stats
     full = np.zeros((n, d), dtype=np.float32)
     if cached is not None:
@@ -331,3 +374,19 @@ def encode_plan(
     for idx, emb in parts:
         full[idx] = emb
     return full, stats
+
+
+def _mark_unreadable(plan: Plan, unreadable: dict[int, str]) -> None:
+    """Treat inputs whose image could not be decoded like missing ones: every row using them is a miss."""
+    if not unreadable:
+        return
+    bad = np.zeros(len(plan.sides), dtype=bool)
+    bad[list(unreadable)] = True
+    plan.missing |= bad
+    rows = bad[plan.query_idx] | np.array([bad[c].any() for c in plan.cand_idx])
+    plan.unreadable_rows = rows & ~plan.missing_rows
+    plan.missing_rows = plan.missing_rows | rows
+    first_row = int(np.nonzero(rows)[0][0])
+    src = plan.examples[first_row].source or f"row {first_row + 1}"
+    first_side = int(next(i for i in (plan.query_idx[first_row], *plan.cand_idx[first_row]) if bad[i]))
+    plan.unreadable_example = f"{src}: {unreadable[first_side]}"

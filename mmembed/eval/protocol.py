@@ -18,6 +18,7 @@ Rules that make the number independent of how it is run (VLM2Vec issue #130):
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Collection, Sequence
 from typing import Any
 
@@ -89,6 +90,7 @@ def score_plan(
         "hit@1": float(np.mean(per["hit@1"])),
         "n": len(plan.examples),
         "missing_images": int(plan.missing_rows.sum()),
+        "unreadable_images": 0 if plan.unreadable_rows is None else int(plan.unreadable_rows.sum()),
         "chance": float(np.mean(chance)),
         "num_candidates": float(np.mean(sizes)),
     }
@@ -206,10 +208,18 @@ def evaluate(
         plan = plan_dataset(name, examples)
         try:
             emb, stats = encode_plan(model, plan, batch_size=batch_size, num_workers=num_workers, cache=cache, dim=dim)
-        except (BadSample, ImageError, InputError) as e:  # unreadable input: name the dataset (missing images = misses)
-            raise ValueError(f"eval set '{name}': {e} (row numbers count distinct inputs)") from None
+        except (BadSample, ImageError, InputError) as e:  # an input the processor refuses: name the dataset
+            raise ValueError(f"eval set '{name}': {e}") from None
         for k, v in stats.items():
-            out["encode"][k] += v
+            out["encode"][k] = out["encode"].get(k, 0) + v
+        if plan.unreadable_rows is not None and plan.unreadable_rows.any():
+            from mmembed import dist
+
+            dist.print0(
+                f"warning: eval set '{name}': {int(plan.unreadable_rows.sum())} row(s) with an unreadable image, "
+                f"scored as misses; first: {plan.unreadable_example}",
+                file=sys.stderr,
+            )
         out["encode"]["unique"] += len(plan.sides)
         want_corpus = corpus == "all" or name in corpus
         d = score_plan(plan, emb, ks=ks, corpus=want_corpus, n_examples=n_examples)
@@ -222,7 +232,17 @@ def evaluate(
             dist.print0(f"{name}: hit@1 {d['hit@1']:.4f} (n={d['n']}, missing images {d['missing_images']})")
     out.update(aggregate(out["datasets"]))
     out["mean_hit@1"] = out["overall"]
-    skip = {"n", "missing_images", "chance", "num_candidates", "meta_task", "split", "corpus", "examples"}
+    skip = {
+        "n",
+        "missing_images",
+        "unreadable_images",
+        "chance",
+        "num_candidates",
+        "meta_task",
+        "split",
+        "corpus",
+        "examples",
+    }
     metrics = [k for k in next(iter(out["datasets"].values()), {}) if k not in skip]
     out["means"] = {k: float(np.mean([d[k] for d in out["datasets"].values()])) for k in metrics}
     return out

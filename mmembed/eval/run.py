@@ -30,7 +30,9 @@ def placeholder_of(model: Any) -> str:
     return str(getattr(proc, "placeholder", "<image>"))
 
 
-def load_eval_model(spec: str | os.PathLike, device: str | None = None) -> tuple[Any, str]:
+def load_eval_model(
+    spec: str | os.PathLike, device: str | None = None, trust_remote_code: bool = False
+) -> tuple[Any, str]:
     """``MODEL_DIR`` or ``openclip:ARCH[:PRETRAINED]`` -> ``(model, fingerprint)``."""
     s = str(spec)
     if s.startswith(PREFIX):
@@ -38,7 +40,7 @@ def load_eval_model(spec: str | os.PathLike, device: str | None = None) -> tuple
         return model, model.fingerprint
     import mmembed
 
-    model = mmembed.load(s, device=device)
+    model = mmembed.load(s, device=device, trust_remote_code=trust_remote_code)
     return model, dir_fingerprint(s)
 
 
@@ -90,6 +92,7 @@ def run_eval(
     image_root: str | os.PathLike | None = None,
     device: str | None = None,
     model: Any = None,
+    trust_remote_code: bool = False,
 ) -> dict[str, Any]:
     """Evaluate and write the reports (rank 0); returns the scores on every rank.
 
@@ -97,6 +100,7 @@ def run_eval(
         model_spec: a model directory or ``openclip:ARCH[:PRETRAINED]`` (or a label when ``model`` is given).
         cache_dir: embedding cache root; ``"auto"`` = ``OUT/cache``, None = no cache.
         model: an already built model (then ``model_spec`` only names it in the report).
+        trust_remote_code: passed to :func:`mmembed.load` (a model directory never turns it on itself).
     """
     started = dist.init_from_env()
     try:
@@ -105,7 +109,7 @@ def run_eval(
 
             device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}" if torch.cuda.is_available() else None
         if model is None:
-            model, fp = load_eval_model(model_spec, device=device)
+            model, fp = load_eval_model(model_spec, device=device, trust_remote_code=trust_remote_code)
         else:
             fp = model_fingerprint(model)
         sets = load_eval_sets(data, placeholder=placeholder_of(model), image_root=image_root, datasets=datasets)

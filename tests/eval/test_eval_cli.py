@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from mmembed.cli import main
+from tests.conftest import make_image
 from tests.eval.helpers import scores_without_run_info
 
 
@@ -70,12 +71,31 @@ def test_cli_errors_exit_2(eval_setup: tuple[Path, Path], tmp_path: Path, capsys
     assert "no eval set named Nope" in capsys.readouterr().err
 
 
-def test_unreadable_image_names_the_dataset(eval_setup: tuple[Path, Path], tmp_path: Path, capsys) -> None:
+def test_an_undecodable_image_is_a_counted_miss_named_by_file_and_line(
+    eval_setup: tuple[Path, Path], tmp_path: Path, capsys
+) -> None:
+    """Issue 17: a corrupt image no longer aborts the eval; it is scored like a missing one and named."""
     import shutil
 
     model, data = eval_setup
     shutil.copytree(data, tmp_path / "data")
     (tmp_path / "data" / "img" / "0.png").write_bytes(b"not a png at all")
     args = ["eval", str(model), "--data", str(tmp_path / "data"), "--out", str(tmp_path / "o"), "--datasets", "N24News"]
-    assert main(args) == 2
-    assert "eval set 'N24News'" in capsys.readouterr().err
+    assert main(args) == 0
+    err = capsys.readouterr().err
+    assert "eval set 'N24News': 1 row(s) with an unreadable image, scored as misses" in err
+    assert "N24News.jsonl:line 1" in err and "0.png" in err
+    d = json.loads((tmp_path / "o" / "scores.json").read_text())["datasets"]["N24News"]
+    assert d["n"] == 6 and d["unreadable_images"] == 1 and d["missing_images"] == 1
+    clean = tmp_path / "clean"
+    assert main(["eval", str(model), "--data", str(data), "--out", str(clean), "--datasets", "N24News"]) == 0
+    ok = json.loads((clean / "scores.json").read_text())["datasets"]["N24News"]
+    # the bad row is a miss in the denominator: it can only lower the score, by at most 1/6
+    assert ok["hit@1"] - 1 / 6 - 1e-9 <= d["hit@1"] <= ok["hit@1"]
+    # the fixed file is encoded on the next run (an unreadable input is never cached)
+    make_image(0).save(tmp_path / "data" / "img" / "0.png")
+    again = tmp_path / "again"
+    args = ["eval", str(model), "--data", str(tmp_path / "data"), "--out", str(again), "--datasets", "N24News"]
+    assert main([*args, "--cache-dir", str(tmp_path / "o" / "cache")]) == 0
+    d2 = json.loads((again / "scores.json").read_text())
+    assert d2["datasets"]["N24News"]["unreadable_images"] == 0 and d2["encode"]["encoded"] == 1
