@@ -1,8 +1,9 @@
 """Safe image loading and the encoder-specific transform.
 
-Every image goes through :func:`load_image`: the pixel count is checked from the header before
-any decoding (decompression bombs), the file is fully decoded (truncated files fail here, not
-later in a worker), and any mode (CMYK, 16-bit, palette, alpha) becomes 8-bit RGB.
+Every image goes through :func:`load_image`: the pixel count and the aspect ratio are checked from
+the header before any decoding (decompression bombs; a 1 x 100000 strip is tiny on disk but becomes
+S x 100000*S pixels when resized by its shorter side), the file is fully decoded (truncated files fail
+here, not later in a worker), and any mode (CMYK, 16-bit, palette, alpha) becomes 8-bit RGB.
 """
 
 from __future__ import annotations
@@ -17,9 +18,12 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
-__all__ = ["ImageError", "load_image", "to_rgb", "ImageTransform", "DEFAULT_MAX_PIXELS"]
+__all__ = ["ImageError", "load_image", "to_rgb", "ImageTransform", "DEFAULT_MAX_PIXELS", "DEFAULT_MAX_ASPECT_RATIO"]
 
 DEFAULT_MAX_PIXELS = 89_478_485  # PIL's own default; mmembed checks it itself so the limit holds everywhere
+# Qwen2-VL's image processor (transformers ``smart_resize``) refuses "absolute aspect ratio must be smaller
+# than 200"; the same bound here keeps every backbone's resize finite (see ImageTransform).
+DEFAULT_MAX_ASPECT_RATIO = 200.0
 
 
 class ImageError(ValueError):
@@ -53,8 +57,18 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
+def _check_aspect(label: str, w: int, h: int, max_aspect_ratio: float) -> None:
+    """Raise :class:`ImageError` when ``max(w, h) / min(w, h)`` exceeds ``max_aspect_ratio`` (0 sizes pass)."""
+    lo, hi = min(w, h), max(w, h)
+    if lo > 0 and hi > max_aspect_ratio * lo:
+        raise ImageError(label, f"aspect ratio {w}:{h} exceeds the limit {max_aspect_ratio:g}:1")
+
+
 def load_image(
-    src: str | os.PathLike | bytes | Image.Image, max_pixels: int = DEFAULT_MAX_PIXELS, name: str | None = None
+    src: str | os.PathLike | bytes | Image.Image,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    name: str | None = None,
+    max_aspect_ratio: float = DEFAULT_MAX_ASPECT_RATIO,
 ) -> Image.Image:
     """Open, check and decode one image into RGB.
 
@@ -62,15 +76,18 @@ def load_image(
         src: a path, encoded bytes, or a PIL image.
         max_pixels: refuse images with more pixels than this (checked from the header, before decoding).
         name: how to name the image in errors (defaults to the path).
+        max_aspect_ratio: refuse images whose long side is more than this many times the short side
+            (checked from the header, before decoding; Qwen2-VL's processor refuses > 200 as well).
 
     Raises:
-        ImageError: missing, empty, truncated, not an image, or too large.
+        ImageError: missing, empty, truncated, not an image, too large, or too thin.
     """
     label = name or (str(src) if isinstance(src, (str, os.PathLike)) else "<image bytes>")
     if isinstance(src, Image.Image):
         img = src
         if img.width * img.height > max_pixels:
             raise ImageError(label, f"{img.width}x{img.height} exceeds the pixel limit {max_pixels}")
+        _check_aspect(label, img.width, img.height, max_aspect_ratio)
         return to_rgb(img)
     if isinstance(src, (str, os.PathLike)):
         path = Path(src)
@@ -93,6 +110,7 @@ def load_image(
                 raise ImageError(label, f"{w}x{h} = {w * h} pixels exceeds the pixel limit {max_pixels}")
             if w == 0 or h == 0:
                 raise ImageError(label, f"degenerate size {w}x{h}")
+            _check_aspect(label, w, h, max_aspect_ratio)
             img.load()
             return to_rgb(img)
     except ImageError:
@@ -111,6 +129,12 @@ class ImageTransform:
 
     The parameters come from the vision encoder's own preprocessing config (timm ``pretrained_cfg``,
     open_clip ``preprocess_cfg``, an HF image processor), so each encoder sees what it was trained on.
+
+    Memory bound: resizing by the shorter side makes a ``w x h`` image ``S x S*max(w,h)/min(w,h)``
+    before the crop (a 1 x 100000 strip: 64 x 6.4M pixels, ~2 GB). Images within
+    :data:`DEFAULT_MAX_ASPECT_RATIO` (all that :func:`load_image` lets through) are resized exactly as
+    before, so the intermediate is at most ``S x 200*S``; a thinner image handed in directly is first cut
+    to its centre square, the only region the crop keeps, so its intermediate is ``S x S``.
     """
 
     size: int
@@ -137,9 +161,17 @@ class ImageTransform:
         }.get(self.interpolation, Image.Resampling.BICUBIC)
         s = self.size
         w, h = img.size
+        thin = max(w, h) > DEFAULT_MAX_ASPECT_RATIO * min(w, h)  # only such images take the bounded paths below
         if self.resize_mode == "squash":
+            if thin and h > w:  # PIL resizes width first: 1 x 100000 -> S x 100000 before the height pass
+                img = img.resize((w, s), resample)
             img = img.resize((s, s), resample)
         else:
+            if thin:  # keep only the centre square, the region the crop below keeps: S x S, not S x S*h/w
+                lo = min(w, h)
+                left, top = (w - lo) // 2, (h - lo) // 2
+                img = img.crop((left, top, left + lo, top + lo))
+                w, h = img.size
             scale = s / min(w, h)
             nw, nh = max(s, round(w * scale)), max(s, round(h * scale))
             img = img.resize((nw, nh), resample)

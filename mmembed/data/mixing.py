@@ -7,7 +7,7 @@ rank ``r`` of ``world`` takes the contiguous slice ``[r * B, (r + 1) * B)`` with
 ``B = global_batch_size // world``. Resuming at step ``s`` replays nothing and skips nothing.
 
 Sampling: each position picks a dataset with probability ``weight / sum(weights)`` (``homogeneous``:
-one dataset per global batch, so in-batch negatives come from the same task, ANCHORS.md §1.9), then
+one dataset per global batch, so in-batch negatives come from the same task, docs/mmeb.md §1.9), then
 takes that dataset's next row from a per-epoch permutation (every row once per epoch per dataset).
 With ``shuffle=False`` the datasets are read in order, concatenated (the order a webdataset
 conversion without shuffling yields).
@@ -29,7 +29,7 @@ import torch
 from mmembed.data.collate import collate_problem, group_by_length
 from mmembed.data.dataset import SampleDataset
 from mmembed.data.sample import Sample
-from mmembed.data.skips import BadSample, DataError, SkipCounter
+from mmembed.data.skips import BadSample, DataError, SkipCounter, error_marker, raise_marker
 
 __all__ = ["MixtureSampler", "TrainBatches", "StepLoader"]
 
@@ -128,7 +128,9 @@ class TrainBatches(torch.utils.data.Dataset):
 
     ``batches[step]`` -> the collator's dict plus ``"step"`` and ``"skips"`` (a
     :meth:`SkipCounter.to_dict`, merged by :class:`StepLoader` in the training process). Without a
-    collator the dict holds ``"samples"`` (decoded :class:`Sample` objects).
+    collator the dict holds ``"samples"`` (decoded :class:`Sample` objects). In a DataLoader worker a
+    :class:`DataError` comes back as ``{"step", "data_error"}`` (:func:`mmembed.data.skips.error_marker`),
+    re-raised by :class:`StepLoader`; called directly (no worker) it raises.
 
     Args:
         datasets: one :class:`SampleDataset` per mixture entry (same order as the sampler sizes).
@@ -214,8 +216,16 @@ class TrainBatches(torch.utils.data.Dataset):
         return self.collate(samples)
 
     def __getitem__(self, step: int) -> dict[str, Any]:
-        samples, counter = self.samples(int(step))
-        batch = self._collate(int(step), samples, counter) if self.collate is not None else {"samples": samples}
+        try:
+            samples, counter = self.samples(int(step))
+            batch = self._collate(int(step), samples, counter) if self.collate is not None else {"samples": samples}
+        except DataError as e:
+            if torch.utils.data.get_worker_info() is None:
+                raise
+            # In a DataLoader worker torch re-raises as ``DataError(traceback text)``, which DataError's
+            # 3-argument __init__ refuses, so the main process would get a RuntimeError. A marker item crosses
+            # the process boundary instead; StepLoader raises the real DataError from it.
+            return {"step": int(step), "data_error": error_marker(e)}
         batch["step"] = int(step)
         batch["skips"] = counter.to_dict()
         return batch
@@ -251,6 +261,7 @@ class StepLoader:
             **self.loader_kw,
         )
         for batch in loader:
+            raise_marker(batch)  # a DataError in a worker (strict mode, too many bad rows)
             self.skips.merge(batch["skips"])
             self.step = batch["step"] + 1
             yield batch

@@ -4,6 +4,9 @@ Every reader reports each row it reads to a :class:`SkipCounter`: ``good`` or ``
 so ``good + skipped == read`` always holds. Counters from DataLoader workers travel back inside the
 batches (:meth:`SkipCounter.to_dict`) and are merged in the training process (:meth:`merge`).
 ``strict=True`` turns the first bad sample into a :class:`DataError` that names the file and row.
+Inside a DataLoader worker the readers return :func:`error_marker` items instead of raising (torch
+re-raises a worker's exception as ``type(exc)(traceback text)``, which DataError's signature refuses);
+the loaders in the training process call :func:`raise_marker` on every item.
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ from typing import Any
 
 from mmembed.images import ImageError
 
-__all__ = ["DataError", "BadSample", "SkipCounter", "image_reason"]
+__all__ = ["DataError", "BadSample", "SkipCounter", "image_reason", "error_marker", "raise_marker"]
 
 
 class DataError(ValueError):
@@ -27,6 +30,23 @@ class DataError(ValueError):
     def __init__(self, source: str, reason: str, detail: str) -> None:
         self.source, self.reason, self.detail = source, reason, detail
         super().__init__(f"{source}: {detail} [{reason}]")
+
+    def __reduce__(self) -> tuple[type, tuple[str, str, str]]:
+        # The default rebuilds from ``self.args`` (one message string), which __init__ cannot take: a
+        # DataError pickled across processes (multiprocessing, DataLoader workers) would fail to unpickle.
+        return (type(self), (self.source, self.reason, self.detail))
+
+
+def error_marker(err: DataError) -> dict[str, str]:
+    """``{"source", "reason", "detail"}`` of a DataError: what a DataLoader worker sends instead of raising."""
+    return {"source": err.source, "reason": err.reason, "detail": err.detail}
+
+
+def raise_marker(item: Any) -> None:
+    """Raise the :class:`DataError` carried by a worker's item (``item["data_error"]``); no-op otherwise."""
+    if isinstance(item, dict) and isinstance(item.get("data_error"), dict):
+        m = item["data_error"]
+        raise DataError(str(m["source"]), str(m["reason"]), str(m["detail"]))
 
 
 class BadSample(Exception):
@@ -46,6 +66,8 @@ def image_reason(err: ImageError) -> str:
         return "image_empty"
     if "pixel limit" in r:
         return "image_too_large"
+    if "aspect ratio" in r:
+        return "image_bad_aspect"
     if "not a recognised" in r:
         return "image_not_an_image"
     return "image_corrupt"

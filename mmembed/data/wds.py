@@ -14,8 +14,11 @@ so no two streams share a shard; ``shardshuffle`` permutes the order per epoch f
 Everything is a function of (seed, rank, world, workers), so a stream's position is the number of raw
 samples it has consumed; resuming skips exactly that many (whole shards first when the buffer is off
 and ``shards.json`` gives the counts). :class:`WdsLoader` records those positions from the batches it
-hands out and rotates worker ids on resume so the batch order continues exactly. A truncated shard is
-counted (``truncated_shard``) and the stream moves on to the next shard.
+hands out and rotates worker ids on resume so the batch order continues exactly. A truncated shard (a tar
+error, or fewer samples than ``shards.json`` lists: a cut at a tar header boundary reads like a clean end)
+is counted (``truncated_shard``, fatal in strict mode) and the stream moves on to the next shard. A
+:class:`DataError` in a DataLoader worker travels to the training process as a ``{"data_error": ...}`` item
+and is raised there by :class:`WdsLoader` (torch cannot rebuild a DataError itself).
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ from mmembed.data.collate import collate_problem
 from mmembed.data.dataset import decode_sample
 from mmembed.data.formats import content_key, convert_text
 from mmembed.data.sample import Sample, Side
-from mmembed.data.skips import BadSample, DataError, SkipCounter
+from mmembed.data.skips import BadSample, DataError, SkipCounter, error_marker, raise_marker
 from mmembed.images import DEFAULT_MAX_PIXELS
 
 __all__ = ["WdsStream", "WdsLoader", "list_shards", "sample_from_wds", "side_to_json"]
@@ -163,12 +166,13 @@ class WdsStream(torch.utils.data.IterableDataset):
         """Raw grouped samples of stream ``g``, with the first ``skip`` already dropped."""
         import webdataset as wds
 
-        current = {"shard": "?", "reported": False}
+        errors: list[Exception] = []  # the first tar error of the shard being read
 
-        def handler(exn: Exception) -> bool:  # tar errors: count once per shard, go on with the next shard
-            if not current["reported"]:
-                current["reported"] = True
-                counter.event(str(current["shard"]), "truncated_shard", f"unreadable shard data: {exn}")
+        def handler(exn: Exception) -> bool:  # tar errors: remember the first, go on with the next shard
+            if not errors:
+                errors.append(exn)
+            # Reported after the shard (below), not from here: webdataset's own ``except`` blocks around
+            # this call would catch a DataError raised here, pass it to this handler again and go on.
             return True
 
         def stream() -> Iterator[dict[str, Any]]:
@@ -180,12 +184,15 @@ class WdsStream(torch.utils.data.IterableDataset):
                     if n is not None and remaining >= n:  # skip a whole shard without opening it
                         remaining -= n
                         continue
-                    current["shard"], current["reported"] = shard, False
+                    errors.clear()
+                    got = 0  # samples of this shard, the ones skipped on resume included
                     for s in wds.tariterators.tarfile_samples([{"url": shard}], handler=handler):
+                        got += 1
                         if remaining > 0:
                             remaining -= 1
                             continue
                         yield s
+                    _check_shard(shard, got, n, errors[0] if errors else None, counter)
                 epoch += 1
                 if not self.resample:
                     return
@@ -199,6 +206,18 @@ class WdsStream(torch.utils.data.IterableDataset):
         yield from it
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
+        if torch.utils.data.get_worker_info() is None:
+            yield from self._batches()
+            return
+        try:
+            yield from self._batches()
+        except DataError as e:
+            # In a DataLoader worker torch re-raises as ``DataError(traceback text)``, which DataError's
+            # 3-argument __init__ refuses, so the main process would get a RuntimeError. A marker item crosses
+            # the process boundary instead; WdsLoader raises the real DataError from it.
+            yield {"data_error": error_marker(e)}
+
+    def _batches(self) -> Iterator[dict[str, Any]]:
         info = torch.utils.data.get_worker_info()
         nw, w = (info.num_workers, info.id) if info is not None else (1, 0)
         sid = (w + self.rotation) % nw
@@ -280,6 +299,7 @@ class WdsLoader:
         if self.max_steps is not None and self.batches >= self.max_steps:
             return
         for batch in loader:
+            raise_marker(batch)  # a DataError in a worker (strict mode, a truncated shard)
             self.skips.merge(batch["skips"])
             pos = batch["position"]
             self.raw[pos["stream"]] = pos["raw"]
@@ -316,6 +336,22 @@ class WdsLoader:
                 )
         self.raw = {int(k): int(v) for k, v in state["raw"].items()}
         self.batches = int(state["batches"])
+
+
+def _check_shard(shard: str, got: int, expected: int | None, error: Exception | None, counter: SkipCounter) -> None:
+    """Count one ``truncated_shard`` event (fatal in strict mode) for a shard read to its end that came up short.
+
+    A tar error is one sign. The other is the count in ``shards.json``: a cut at a 512-byte tar header
+    boundary reads like a clean end of the archive (Python's ``tarfile`` stops without an error on an
+    empty or partial header after the first member), so only the count shows the samples that are gone.
+    """
+    if error is not None:
+        of = f" of {expected}" if expected is not None else ""
+        counter.event(shard, "truncated_shard", f"unreadable shard data after {got}{of} samples: {error}")
+    elif expected is not None and got < expected:
+        counter.event(
+            shard, "truncated_shard", f"read {got} of {expected} samples ({INDEX_NAME}): the shard ends early"
+        )
 
 
 def _identity(x: Any) -> Any:

@@ -1,5 +1,10 @@
 """Run logging on rank 0: ``metrics.jsonl`` (one object per step), a tqdm bar, TensorBoard when
-installed, and ``loss.png`` at the end."""
+installed, and ``loss.png`` at the end.
+
+Record kinds in ``metrics.jsonl``: a trained step (``step``, ``loss``, ``lr``, ...; ``eval/*`` scores or
+``eval/error`` on evaluation steps) and a skipped step (``{"step", "skipped_step": true, "reason"}``, no
+``loss``). Every record has ``step``, which the resume truncation relies on.
+"""
 
 from __future__ import annotations
 
@@ -41,13 +46,14 @@ class MetricsLogger:
             f.write(json.dumps(record) + "\n")
         if self.tb is not None:
             for k, v in record.items():
-                if isinstance(v, (int, float)) and k != "step":
+                if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "step":
                     self.tb.add_scalar(k, v, record["step"])
         if self.bar is not None and "loss" in record:
             self.bar.set_postfix(
                 loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}", sps=f"{record['samples_per_s']:.1f}"
             )
-            self.bar.update(1)
+        if self.bar is not None and ("loss" in record or record.get("skipped_step")):
+            self.bar.update(1)  # a skipped step is still a step of the schedule
 
     def message(self, text: str) -> None:
         if self.enabled:
