@@ -10,9 +10,11 @@ model.save("out/model"); same = mmembed.load("out/model")
 
 from __future__ import annotations
 
-from mmembed.build import build_model
-from mmembed.io import load
+# the built-in components register their names when imported (the registry imports none of them)
+from mmembed import backbones, connectors, encoders, losses, pooling, tokens  # noqa: F401
+from mmembed.build import build_model, load
 from mmembed.model import EmbeddingModel
+from mmembed.registry import ALL
 
 __version__ = "0.1.0"
 
@@ -21,6 +23,4 @@ __all__ = ["build_model", "load", "EmbeddingModel", "list_components", "__versio
 
 def list_components() -> dict[str, list[str]]:
     """Registered component names per slot, e.g. ``{"connector": ["mlp", ...], ...}``."""
-    from mmembed.registry import ALL
-
     return {slot: reg.names() for slot, reg in ALL.items()}

@@ -1,28 +1,26 @@
-"""Build an :class:`~mmembed.model.EmbeddingModel` from a recipe, a config dict or a :class:`ModelCfg`."""
+"""Build an :class:`~mmembed.model.EmbeddingModel` from a recipe or a config, or load a saved model directory.
+
+One builder for every backbone: the backbone is built first (it knows its width, depth and tokenizer), then each
+slot with the dimensions it needs injected, then the visual path the backbone gives for those slots and the
+processor family it names.
+"""
 
 from __future__ import annotations
 
-import inspect
 import os
+from pathlib import Path
 from typing import Any
 
-from mmembed.config import ConfigError, ModelCfg, RecipeCfg, load_recipe, slot_args
+import torch
+
+from mmembed import io
+from mmembed.config import ModelCfg, RecipeCfg, load_recipe, model_cfg_from_dict
 from mmembed.model import EmbeddingModel
-from mmembed.processing import Processor
-from mmembed.registry import BACKBONES, CONNECTORS, FUSIONS, POOLERS, REDUCERS, VISION, Registry
+from mmembed.processing import make_processor
+from mmembed.registry import BACKBONES, CONNECTORS, FUSIONS, MERGERS, POOLERS, PRUNERS, VISION, instantiate
+from mmembed.types import ConfigError
 
-__all__ = ["build_model", "instantiate"]
-
-
-def instantiate(registry: Registry, spec: dict[str, Any], **injected: Any) -> Any:
-    """Build the component ``spec['type']`` with its config args plus the injected ones it accepts."""
-    cls = registry.get(spec["type"])
-    params = inspect.signature(cls).parameters
-    args = slot_args(spec)
-    obj = cls(**{k: v for k, v in injected.items() if k in params}, **args)
-    obj.init_args = dict(args)
-    obj.registry_name = spec["type"]
-    return obj
+__all__ = ["build_model", "build_from_cfg", "load", "instantiate"]
 
 
 def build_model(
@@ -48,76 +46,69 @@ def build_model(
 
 
 def build_from_cfg(cfg: ModelCfg) -> EmbeddingModel:
-    if getattr(BACKBONES.get(cfg.backbone["type"]), "native", False):
-        return _build_native(cfg)
+    """The model of a validated :class:`ModelCfg` (random init where no weights are named)."""
     backbone = instantiate(BACKBONES, cfg.backbone)
-    placeholder_id = backbone.add_placeholder(cfg.image_placeholder)
-    d = backbone.hidden_size
-    vision = connector = None
-    image_tokens = 0
-    if cfg.vision is not None:
-        vision = instantiate(VISION, cfg.vision)
-        if cfg.connector is None:
-            raise ConfigError("model.connector", "a vision encoder needs a connector (e.g. {type: mlp})")
-        connector = instantiate(CONNECTORS, cfg.connector, in_dim=vision.out_dim, out_dim=d)
-        image_tokens = connector.num_tokens(vision.grid())
-    reducer = None
-    if cfg.reducer is not None:
-        reducer = instantiate(REDUCERS, cfg.reducer, dim=d, num_layers=backbone.num_layers)
-        if getattr(reducer, "pre_llm", False):
-            if vision is None:
-                raise ConfigError("model.reducer", "a token reducer needs a vision encoder (model.vision)")
-            image_tokens = reducer.num_tokens(image_tokens)  # placeholder rows per image after merging
-    pooler = instantiate(POOLERS, cfg.pooler, dim=d, num_layers=backbone.num_layers)
-    fusion = None
-    if cfg.fusion is not None:
-        fusion = instantiate(FUSIONS, cfg.fusion, dim=d, vision_dim=vision.out_dim if vision else d)
-        if getattr(fusion, "micl_token", None):  # NoteLLM-2 mICL compression token
-            fusion.micl_token_id = backbone.add_placeholder(fusion.micl_token)
-    processor = Processor(
-        tokenizer=backbone.tokenizer,
-        placeholder=cfg.image_placeholder,
-        placeholder_id=placeholder_id,
-        image_tokens=image_tokens,
-        transform=vision.transform if vision is not None else None,
-        max_length=cfg.max_length,
-        padding_side=cfg.padding_side,
-        add_eos=backbone.add_eos,
-        max_pixels=cfg.max_pixels,
-        max_images=cfg.max_images_per_input,
-    )
-    return EmbeddingModel(cfg, backbone, pooler, processor, vision, connector, reducer, fusion)
-
-
-def _build_native(cfg: ModelCfg) -> EmbeddingModel:
-    """A native VLM backbone (Qwen2-VL, LLaVA): its own vision tower and HF processor.
-
-    ``model.connector`` replaces the built-in projector; ``model.reducer`` merges (pre-LLM) and/or prunes (in the
-    LLM). Slots a native model cannot take are refused before the (possibly large) model is loaded."""
-    cls = BACKBONES.get(cfg.backbone["type"])
-    for slot in ("vision", "fusion"):
-        if getattr(cfg, slot) is not None:
-            raise ConfigError(
-                f"model.{slot}",
-                f"backbone '{cfg.backbone['type']}' has its own vision tower; model.{slot} is not supported with it "
-                "(leave it out; model.connector replaces its projector)",
-            )
-    if cfg.reducer is not None:
-        reducer_cls = REDUCERS.get(cfg.reducer["type"])
-        for flag, support in (("pre_llm", "supports_merge"), ("in_llm", "supports_prune")):
-            if getattr(reducer_cls, flag, False) and not getattr(cls, support, False):
-                raise ConfigError(
-                    "model.reducer", f"backbone '{cfg.backbone['type']}' does not support {flag} reducers"
-                )
-    backbone = instantiate(BACKBONES, cfg.backbone)
-    d = backbone.hidden_size
+    d, depth = backbone.hidden_size, backbone.num_layers
+    vision = instantiate(VISION, cfg.vision) if cfg.vision is not None else None
     connector = None
     if cfg.connector is not None:
-        connector = instantiate(CONNECTORS, cfg.connector, in_dim=backbone.connector_in_dim(), out_dim=d)
-        connector.to(backbone.model_dtype())
-        backbone.attach_connector(connector)
-    pooler = instantiate(POOLERS, cfg.pooler, dim=d, num_layers=backbone.num_layers)
-    reducer = None
-    if cfg.reducer is not None:
-        reducer = instantiate(REDUCERS, cfg.reducer, dim=d, num_layers=backbone.num_layers)
-    return EmbeddingModel(cfg, backbone, pooler, backbone.make_processor(cfg), connector=connector, reducer=reducer)
+        in_dim = vision.out_dim if vision is not None else backbone.connector_in_dim()
+        connector = instantiate(CONNECTORS, cfg.connector, in_dim=in_dim, out_dim=d)
+    merger = instantiate(MERGERS, cfg.merge) if cfg.merge is not None else None
+    pruner = instantiate(PRUNERS, cfg.prune, num_layers=depth) if cfg.prune is not None else None
+    pooler = instantiate(POOLERS, cfg.pooler, dim=d, num_layers=depth)
+    visual = backbone.visual_path(vision, connector, merger, pruner)
+    processor = make_processor(backbone, visual, cfg)
+    fusion = None
+    if cfg.fusion is not None:
+        fusion = instantiate(FUSIONS, cfg.fusion, dim=d, vision_dim=vision.out_dim if vision is not None else d)
+        if getattr(fusion, "micl_token", None):  # NoteLLM-2 mICL compression token
+            fusion.micl_token_id = backbone.add_placeholder(fusion.micl_token)
+    return EmbeddingModel(
+        cfg,
+        backbone,
+        pooler,
+        processor,
+        visual,
+        vision=vision,
+        connector=connector,
+        merge=merger,
+        prune=pruner,
+        fusion=fusion,
+    )
+
+
+def load(
+    directory: str | os.PathLike,
+    device: str | torch.device | None = None,
+    trust_remote_code: bool = False,
+) -> EmbeddingModel:
+    """Load a saved model directory with no network access; weights are loaded strictly.
+
+    Safe by default: the directory cannot run code of its own (a saved ``trust_remote_code: true`` is refused
+    unless the caller passes ``trust_remote_code=True``), every path it names must stay inside it, nothing is
+    fetched from the hub (hub ids and ``pretrained: true`` are refused, ``HF_HUB_OFFLINE`` is forced while
+    building), and weights come from ``model.safetensors`` only. Older formats are upgraded on the fly.
+
+    Args:
+        directory: a folder written by :func:`mmembed.io.save_model`.
+        device: move the model there after loading.
+        trust_remote_code: let transformers run Python code shipped with the directory's HF config.
+
+    Raises:
+        FileNotFoundError: not a model directory.
+        ModelDirError: a config that is not JSON, an unknown ``format_version``, a path that leaves the
+            directory, a hub id, or a remote-code request without the caller's opt-in (names file and key).
+    """
+    from safetensors.torch import load_model as st_load
+
+    directory = Path(directory)
+    cfg_path, model_dict, weights = io.resolve_model_dir(directory, trust_remote_code)
+    cfg = model_cfg_from_dict(model_dict, source=str(cfg_path))
+    with io.offline():
+        model = build_from_cfg(cfg)
+    st_load(model, str(weights), strict=True)
+    model.eval()
+    if device is not None:
+        model.to(device)
+    return model

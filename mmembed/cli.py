@@ -12,6 +12,14 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import mmembed
+from mmembed import dist
+from mmembed.config import ConfigError, load_recipe
+from mmembed.eval import run_eval
+from mmembed.images import ImageError
+from mmembed.io import ModelDirError
+from mmembed.types import InputError
+
 __all__ = ["main", "read_rows"]
 
 
@@ -60,8 +68,6 @@ def read_rows(path: str | Path) -> tuple[list[str | None], list[Any], list[str |
 def _encode(args: argparse.Namespace) -> int:
     import numpy as np
 
-    import mmembed
-
     texts, images, instructions = read_rows(args.input)
     if args.instruction is not None:
         instructions = [i if i is not None else args.instruction for i in instructions]
@@ -77,7 +83,6 @@ def _encode(args: argparse.Namespace) -> int:
 
 
 def _validate(args: argparse.Namespace) -> int:
-    from mmembed.config import load_recipe
 
     cfg = load_recipe(args.recipe, args.overrides)
     cfg.check_paths()
@@ -86,7 +91,6 @@ def _validate(args: argparse.Namespace) -> int:
 
 
 def _components(args: argparse.Namespace) -> int:
-    import mmembed
 
     for slot, names in mmembed.list_components().items():
         print(f"{slot:10s} {', '.join(names)}")
@@ -94,13 +98,13 @@ def _components(args: argparse.Namespace) -> int:
 
 
 def _train(args: argparse.Namespace) -> int:
+    # local: the inference commands (encode, eval) never import the training code
     from mmembed.train.__main__ import main as train_main
 
     return train_main([args.recipe, *args.overrides])
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from mmembed.eval import run_eval
 
     datasets = [d.strip() for d in args.datasets.split(",") if d.strip()] if args.datasets else None
     corpus = "all" if args.corpus == "all" else [d.strip() for d in (args.corpus or "").split(",") if d.strip()]
@@ -123,7 +127,6 @@ def _eval(args: argparse.Namespace) -> int:
         )
     except (ValueError, KeyError) as e:
         raise UsageError(str(e)) from None
-    from mmembed import dist
 
     if dist.is_main_process():
         n = len(scores["datasets"])
@@ -174,10 +177,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from mmembed.config import ConfigError
-    from mmembed.images import ImageError
-    from mmembed.io import ModelDirError
-    from mmembed.processing import InputError
 
     args = build_parser().parse_args(argv)
     try:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import logging
 import os
 import re
 import types
@@ -20,6 +21,9 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from mmembed.registry import ALL, LOSSES, slot_args
+from mmembed.types import ConfigError
 
 __all__ = [
     "ConfigError",
@@ -31,30 +35,29 @@ __all__ = [
     "model_cfg_from_dict",
     "slot_type",
     "slot_args",
+    "upgrade_model_dict",
     "iter_keys",
     "check_metric_name",
 ]
 
-SLOTS = ("vision", "connector", "reducer", "backbone", "pooler", "fusion")
+log = logging.getLogger(__name__)
 
-
-class ConfigError(ValueError):
-    """A recipe problem: ``key`` is the dotted path, ``source`` the recipe file (if any)."""
-
-    def __init__(self, key: str, message: str, source: str | None = None) -> None:
-        self.key, self.message, self.source = key, message, source
-        where = f" (in {source})" if source else ""
-        super().__init__(f"{key}: {message}{where}" if key else f"{message}{where}")
+SLOTS = ("vision", "connector", "merge", "prune", "backbone", "pooler", "fusion")
 
 
 @dataclass
 class ModelCfg:
-    """The composed embedding model: one dict per slot, each ``{type: NAME, **args}``."""
+    """The embedding model: one dict per slot, each ``{type: NAME, **args}``.
+
+    ``merge`` reduces each image's visual tokens before the LLM, ``prune`` drops visual tokens inside it (AIM sets
+    both, docs/algorithms.md §5); a format-1 ``reducer`` is converted by :func:`upgrade_model_dict`.
+    """
 
     backbone: dict[str, Any] = field(default_factory=dict)
     vision: dict[str, Any] | None = None
     connector: dict[str, Any] | None = None
-    reducer: dict[str, Any] | None = None
+    merge: dict[str, Any] | None = None
+    prune: dict[str, Any] | None = None
     pooler: dict[str, Any] = field(default_factory=lambda: {"type": "last_token"})
     fusion: dict[str, Any] | None = None
     embed_dim: int | None = None  # optional linear projection of the pooled vector
@@ -67,8 +70,6 @@ class ModelCfg:
     prompts: dict[str, str] = field(default_factory=dict)  # named instructions, e.g. {query: "..."}
 
     def validate(self, prefix: str = "model") -> None:
-        from mmembed.registry import ALL
-
         if not self.backbone:
             raise ConfigError(f"{prefix}.backbone", "a backbone is required, e.g. {type: hf_causal_lm, name: ...}")
         for slot in SLOTS:
@@ -76,9 +77,7 @@ class ModelCfg:
             if node is None:
                 continue
             _check_slot(f"{prefix}.{slot}", node, ALL[slot])
-        native = getattr(ALL["backbone"].get(self.backbone["type"]), "native", False)
-        if self.connector is not None and self.vision is None and not native:  # native: replaces the projector
-            raise ConfigError(f"{prefix}.connector", "a connector needs a vision encoder (model.vision)")
+        ALL["backbone"].get(self.backbone["type"]).check_slots(self, prefix)  # which slots this backbone takes
         if self.padding_side not in ("left", "right"):
             raise ConfigError(f"{prefix}.padding_side", f"expected 'left' or 'right', got {self.padding_side!r}")
         if self.max_length < 2:
@@ -158,7 +157,7 @@ class TrainCfg:
         _choice(f"{prefix}.precision", self.precision, ("fp32", "bf16"))
         _choice(f"{prefix}.zero_stage", self.zero_stage, (0, 1, 2, 3))
         for slot in self.freeze:
-            _choice(f"{prefix}.freeze", slot, ("vision", "connector", "reducer", "backbone", "pooler", "fusion"))
+            _choice(f"{prefix}.freeze", slot, ("vision", "connector", "backbone", "pooler", "fusion"))
         if self.batch_size < 1:
             raise ConfigError(f"{prefix}.batch_size", f"must be >= 1, got {self.batch_size}")
         if self.gradcache_chunk_size < 0 or self.gradcache_chunk_size > self.batch_size:
@@ -208,8 +207,6 @@ class RecipeCfg:
     source: str | None = field(default=None, metadata={"internal": True})
 
     def validate(self) -> None:
-        from mmembed.registry import LOSSES
-
         self.model.validate()
         self.data.validate()
         self.train.validate()
@@ -232,8 +229,27 @@ def slot_type(node: dict[str, Any] | None) -> str | None:
     return None if node is None else node.get("type")
 
 
-def slot_args(node: dict[str, Any] | None) -> dict[str, Any]:
-    return {} if node is None else {k: v for k, v in node.items() if k != "type"}
+_MERGE_KEYS = ("keep_ratio",)
+
+
+def upgrade_model_dict(model: dict[str, Any], key: str = "model") -> dict[str, Any]:
+    """A format-1 model config (one ``reducer`` slot) in today's form: ``reducer: {type: aim | merge | prune}``
+    becomes ``merge: {type: aim, keep_ratio}`` and/or ``prune: {type: aim, schedule, ...}`` (same arguments, same
+    behaviour). Configs without ``reducer`` come back unchanged."""
+    if "reducer" not in model:
+        return model
+    out = {k: v for k, v in model.items() if k != "reducer"}
+    reducer = model["reducer"]
+    if reducer is None:
+        return out
+    if not isinstance(reducer, dict) or reducer.get("type") not in ("aim", "merge", "prune"):
+        raise ConfigError(f"{key}.reducer", f"expected {{type: aim | merge | prune, ...}}, got {reducer!r}")
+    kind, args = reducer["type"], slot_args(reducer)
+    if kind in ("aim", "merge"):
+        out["merge"] = {"type": "aim", **{k: v for k, v in args.items() if k in _MERGE_KEYS}}
+    if kind in ("aim", "prune"):
+        out["prune"] = {"type": "aim", **{k: v for k, v in args.items() if k not in _MERGE_KEYS}}
+    return out
 
 
 def _check_slot(key: str, node: Any, registry: Any) -> None:
@@ -365,9 +381,9 @@ def _coerce(tp: Any, value: Any, path: str) -> Any:
 
 
 def model_cfg_from_dict(data: dict[str, Any], source: str | None = None) -> ModelCfg:
-    """Build and validate a :class:`ModelCfg` from a plain dict (a saved ``mmembed_config.json``)."""
+    """Build and validate a :class:`ModelCfg` from a plain dict (a saved ``mmembed_config.json``, upgraded)."""
     try:
-        cfg = _from_container(ModelCfg, data, "model")
+        cfg = _from_container(ModelCfg, upgrade_model_dict(data), "model")
         cfg.validate()
     except ConfigError as e:
         raise ConfigError(e.key, e.message, source) from None
@@ -416,8 +432,12 @@ def load_recipe(
         data = OmegaConf.to_container(base, resolve=True)
     except OmegaConfBaseException as e:
         raise ConfigError("", f"cannot resolve recipe: {e}", source) from None
+    data = data or {}
     try:
-        cfg = _from_container(RecipeCfg, data or {}, "")
+        if isinstance(data.get("model"), dict) and "reducer" in data["model"]:
+            log.warning("%s: model.reducer is now model.merge + model.prune; converted", source or "recipe")
+            data["model"] = upgrade_model_dict(data["model"])
+        cfg = _from_container(RecipeCfg, data, "")
         cfg.validate()
     except ConfigError as e:
         raise ConfigError(e.key, e.message, source) from None

@@ -21,6 +21,10 @@ import torch
 
 import mmembed
 from mmembed.config import ConfigError, load_recipe
+from mmembed.data import build_eval_sets
+from mmembed.data.synthetic import Scene, generate, render
+from mmembed.eval import evaluate
+from mmembed.train.loop import train
 
 
 def _table(meta: dict, before: dict, after: dict) -> str:
@@ -34,7 +38,6 @@ def _table(meta: dict, before: dict, after: dict) -> str:
 
 
 def _new_example(model: mmembed.EmbeddingModel) -> None:
-    from mmembed.data.synthetic import Scene, render
 
     scene = Scene(shape="star", color="purple", size="large", position="right")
     image = render(scene, 64, np.random.default_rng(12345))
@@ -66,15 +69,9 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.time()
     data_root = Path(cfg.data.eval).parent
     if not (data_root / "meta.json").is_file():
-        from mmembed.data.synthetic import generate
-
         print(f"writing the demo data to {data_root} ...")
         generate(data_root, n_train=1000, n_eval=200, seed=0, image_size=64)
     meta = json.loads((data_root / "meta.json").read_text())
-
-    from mmembed.data import build_eval_sets
-    from mmembed.eval import evaluate
-    from mmembed.train.loop import train
 
     torch.manual_seed(cfg.train.seed)
     untrained = mmembed.build_model(cfg.model)

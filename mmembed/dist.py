@@ -6,7 +6,7 @@ sentence-transformers' ``util.distributed`` follow the same rule).
 
 The gather used for cross-device negatives is the Tevatron / VLM2Vec trick: ``all_gather`` without
 gradient, then the local slot is replaced by the grad-carrying local tensor, so the gradient of a
-loss computed on the gathered tensor flows only into the local shard (ALGORITHMS.md §7).
+loss computed on the gathered tensor flows only into the local shard (docs/algorithms.md §7).
 """
 
 from __future__ import annotations

@@ -1,4 +1,7 @@
-"""The self-describing model directory (ARCHITECTURE.md §6) and loading it offline.
+"""The self-describing model directory (docs/architecture.md §6): the format, written and checked.
+
+Building a model from it is :func:`mmembed.load` (:mod:`mmembed.build`); this module only writes the directory and
+reads it back safely (:func:`resolve_model_dir`).
 
 ```
 mmembed_config.json   format_version, model config (every slot), preprocess, prompts, similarity, versions
@@ -9,7 +12,8 @@ processor/            native VLM backbones (Qwen2-VL, LLaVA): the HF processor (
 README.md             generated model card
 ```
 Weights are safetensors only; nothing is ever unpickled. The directory is written under a temporary
-name and renamed when complete.
+name and renamed when complete. Format history: 1 had one ``reducer`` slot; 2 has ``merge`` and ``prune``
+(:func:`mmembed.config.upgrade_model_dict` converts 1).
 """
 
 from __future__ import annotations
@@ -24,12 +28,13 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-import torch
+from mmembed.config import iter_keys
 
 __all__ = [
     "save_model",
-    "load",
+    "resolve_model_dir",
     "read_config",
+    "offline",
     "ModelDirError",
     "FORMAT_VERSION",
     "CONFIG_NAME",
@@ -37,10 +42,10 @@ __all__ = [
     "library_versions",
 ]
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 CONFIG_NAME = "mmembed_config.json"
 WEIGHTS_NAME = "model.safetensors"
-_SLOTS = ("vision", "connector", "reducer", "pooler", "fusion")
+_SLOTS = ("vision", "connector", "merge", "prune", "pooler", "fusion")
 _LOCAL_KEYS = ("name", "tokenizer", "processor")  # backbone args that point into the model directory once saved
 
 
@@ -117,34 +122,15 @@ _TRUST_HINT = (
 )
 
 
-def load(
-    directory: str | os.PathLike,
-    device: str | torch.device | None = None,
-    trust_remote_code: bool = False,
-) -> Any:
-    """Load a saved model directory with no network access; weights are loaded strictly.
+def resolve_model_dir(directory: Path, trust_remote_code: bool = False) -> tuple[Path, dict[str, Any], Path]:
+    """Check a saved directory before anything is built: ``(config path, model config, weights path)``.
 
-    Safe by default: the directory cannot run code of its own (a saved ``trust_remote_code: true`` is refused
-    unless the caller passes ``trust_remote_code=True``), every path it names must stay inside it, nothing is
-    fetched from the hub (hub ids and ``pretrained: true`` are refused, ``HF_HUB_OFFLINE`` is forced while
-    building), and weights come from ``model.safetensors`` only.
-
-    Args:
-        directory: a folder written by :func:`save_model`.
-        device: move the model there after loading.
-        trust_remote_code: let transformers run Python code shipped with the directory's HF config.
-
-    Raises:
-        FileNotFoundError: not a model directory.
-        ModelDirError: a config that is not JSON, an unknown ``format_version``, a path that leaves the
-            directory, a hub id, or a remote-code request without the caller's opt-in (names file and key).
+    The model config has its backbone paths resolved inside ``directory``. Refuses (:class:`ModelDirError`, naming
+    the file and key) a config that is not JSON or has an unknown ``format_version``, a ``trust_remote_code: true``
+    the caller did not grant, ``pretrained: true`` or a ``checkpoint_path`` anywhere (weights come from
+    ``model.safetensors`` only), and any path that leaves the directory (``..``, absolute, symlinks) or names the
+    hub.
     """
-    from safetensors.torch import load_model as st_load
-
-    from mmembed.build import build_from_cfg
-    from mmembed.config import model_cfg_from_dict
-
-    directory = Path(directory)
     cfg_path = directory / CONFIG_NAME
     if not cfg_path.is_file():
         raise FileNotFoundError(f"{directory}: not an mmembed model directory (no {CONFIG_NAME})")
@@ -158,14 +144,7 @@ def load(
             backbone[key] = _inside(directory, value, f"model.backbone.{key}", cfg_path)
     model_dict["backbone"] = backbone
     weights = Path(_inside(directory, WEIGHTS_NAME, WEIGHTS_NAME, cfg_path))
-    cfg = model_cfg_from_dict(model_dict, source=str(cfg_path))
-    with _offline():
-        model = build_from_cfg(cfg)
-    st_load(model, str(weights), strict=True)
-    model.eval()
-    if device is not None:
-        model.to(device)
-    return model
+    return cfg_path, model_dict, weights
 
 
 def read_config(cfg_path: Path) -> dict[str, Any]:
@@ -190,8 +169,6 @@ def read_config(cfg_path: Path) -> dict[str, Any]:
 
 def _check_no_download(model_dict: dict[str, Any], cfg_path: Path, trust_remote_code: bool) -> None:
     """Refuse what would run the directory's code or reach the network; the caller alone grants trust."""
-    from mmembed.config import iter_keys
-
     for key, name, value in iter_keys(model_dict, "model"):
         if name == "trust_remote_code" and value and not trust_remote_code:
             raise ModelDirError(f"{cfg_path}: {key} is true: {_TRUST_HINT}")
@@ -224,7 +201,7 @@ def _inside(directory: Path, value: Any, key: str, cfg_path: Path) -> str:
 
 
 @contextlib.contextmanager
-def _offline() -> Any:
+def offline() -> Any:
     """Force the Hugging Face hub offline while a saved model builds (env var and the live constant)."""
     import huggingface_hub.constants as hub_constants
 

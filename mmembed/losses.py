@@ -1,6 +1,6 @@
 """Instruction-conditioned contrastive loss (InfoNCE) with hard and cross-rank negatives.
 
-Sources (ALGORITHMS.md §7, ANCHORS.md §1.6): VLM2Vec's ``SimpleContrastiveLoss`` /
+Sources (docs/algorithms.md §7, docs/mmeb.md §1.6): VLM2Vec's ``SimpleContrastiveLoss`` /
 ``DistributedContrastiveLoss`` (targets grouped ``[pos, neg_1..neg_k]`` per query, labels
 ``arange(Nq) * (1 + k)``, temperature 0.02, loss x world size), Tevatron's gather trick (the local
 slot of the gathered tensor keeps its gradient), NV-Embed stage 2 (in-batch negatives off), CLIP
@@ -19,6 +19,7 @@ from torch import nn
 
 from mmembed.dist import all_gather_with_local_grad, get_world_size
 from mmembed.registry import LOSSES
+from mmembed.types import ConfigError
 
 __all__ = ["InfoNCELoss"]
 
@@ -82,22 +83,27 @@ class InfoNCELoss(nn.Module):
             the two; needs ``in_batch_negatives``.
         false_negative_margin: if set, mask a negative whose cosine exceeds the positive's by more
             than this margin (e.g. 0.1), in both terms.
+        mask_same_targets: with ``target_keys`` given, a candidate whose content equals the query's positive
+            (two queries of one class share the label text) is not a negative: it is masked, in both terms
+            (NV-Embed, arXiv 2405.17428 §3.2; NeMo Retriever). Set False to reproduce VLM2Vec, which keeps them.
         gather: gather queries and targets from all ranks (when a process group exists). The local
             rows keep their gradient; the returned loss is multiplied by the world size so that the
             gradient averaged over ranks (DDP, DeepSpeed) equals the single-process gradient of the
             global batch. With ``gather=False`` each rank computes its local loss, unscaled.
 
-    Forward: ``loss(q, t, negative_mask=None, return_stats=False)`` with ``q`` (Bq, D) and ``t``
+    Forward: ``loss(q, t, negative_mask=None, target_keys=None, return_stats=False)`` with ``q`` (Bq, D) and ``t``
     (Bq * (1 + k), D), rows of ``t`` grouped per query as ``[pos_i, neg_i1, ..., neg_ik]``. The optional
     ``negative_mask`` (Bq, k) bool (the collator's) marks real negatives; False slots are dropped from
-    every query's candidates (under gathering every rank must pass one or none). The embeddings are
+    every query's candidates (under gathering every rank must pass one or none). ``target_keys`` (Bt,) int64
+    (the collator's content ids of ``t``) mark identical targets for ``mask_same_targets``. The embeddings are
     expected L2-normalized already (the model normalizes); scores are plain dot products, computed in
     float32. Every rank must have the same ``k``; the number of queries per rank may differ.
 
     Returns the scalar to call ``backward`` on: ``world_size * L`` when gathering over W ranks, else
     ``L``, where ``L`` is the mean loss over the global batch. With ``return_stats=True`` also a dict:
     ``loss`` (``L``, detached), ``accuracy`` (share of queries whose positive is top-1), ``scale``
-    (1/tau), ``grad_scale`` (the factor applied), ``masked`` (negatives masked by the margin), and the
+    (1/tau), ``grad_scale`` (the factor applied), ``masked`` (negatives masked by the margin), ``same_targets``
+    (candidates masked as copies of the positive), and the
     global ``num_queries`` / ``num_targets`` / ``padded_targets``.
     """
 
@@ -117,6 +123,7 @@ class InfoNCELoss(nn.Module):
         symmetric: bool = False,
         false_negative_margin: float | None = None,
         gather: bool = True,
+        mask_same_targets: bool = True,
     ) -> None:
         super().__init__()
         args = dict(temperature=temperature, learnable_temperature=learnable_temperature, max_scale=max_scale)
@@ -129,6 +136,7 @@ class InfoNCELoss(nn.Module):
         self.symmetric = bool(symmetric)
         self.false_negative_margin = None if false_negative_margin is None else float(false_negative_margin)
         self.gather = bool(gather)
+        self.mask_same_targets = bool(mask_same_targets)
         if self.learnable_temperature:
             # shape (1,), not 0-dim: DeepSpeed 0.19.8's initial model broadcast cannot view a 0-dim parameter
             self.log_scale = nn.Parameter(torch.tensor([math.log(1.0 / self.temperature)]))
@@ -138,8 +146,6 @@ class InfoNCELoss(nn.Module):
     @staticmethod
     def check_config(args: dict[str, Any]) -> None:
         """Refuse impossible settings before anything is built (``mmembed validate`` runs this)."""
-        from mmembed.config import ConfigError
-
         t, max_scale = args.get("temperature", 0.02), args.get("max_scale", 100.0)
         if not (isinstance(t, (int, float)) and not isinstance(t, bool) and t > 0):
             raise ConfigError("temperature", f"must be a number > 0 (VLM2Vec uses 0.02), got {t!r}")
@@ -176,6 +182,7 @@ class InfoNCELoss(nn.Module):
         t: torch.Tensor,
         *,
         negative_mask: torch.Tensor | None = None,
+        target_keys: torch.Tensor | None = None,
         return_stats: bool = False,
     ) -> torch.Tensor | tuple[torch.Tensor, dict[str, Any]]:
         """Loss for queries ``q`` (Bq, D) and grouped targets ``t`` (Bq * (1 + k), D); see the class doc.
@@ -202,27 +209,51 @@ class InfoNCELoss(nn.Module):
                 raise ValueError("loss: every rank must send the same number of targets per query")
             if valid is not None:  # gathered as uint8 (gloo has no bool collectives); every rank must pass one
                 valid = all_gather_with_local_grad(valid.to(torch.uint8)).bool()
+        keys = None
+        if self.mask_same_targets and target_keys is not None:
+            if target_keys.shape != (t.shape[0] // world if world > 1 else t.shape[0],):
+                raise ValueError(
+                    f"loss target_keys must be (Bt,) = ({t.shape[0] // world},), got {tuple(target_keys.shape)}"
+                )
+            keys = all_gather_with_local_grad(target_keys.long()) if world > 1 else target_keys.long()
         n = q.shape[0]
         q32, t32 = q.float(), t.float()  # (N, D), (N * group, D)
         scale = self._scale_tensor(world)
 
-        exclude = None
+        exclude, same, n_same = None, None, 0
+        if keys is not None:
+            keys = keys.to(q.device)
+            pos_keys = keys.view(n, group)[:, 0]  # (N,)
         if self.in_batch_negatives:
             scores = q32 @ t32.T  # (N, N * group)
             labels = torch.arange(n, device=q.device) * group
             if valid is not None:
                 exclude = ~valid.to(q.device)[None, :]  # (1, N * group)
+            if keys is not None:  # a copy of query i's positive elsewhere in the batch is not a negative of i
+                same = pos_keys[:, None] == keys[None, :]  # (N, N * group)
+                same[torch.arange(n, device=q.device), labels] = False
+                n_same = int(same.sum())
+                exclude = same if exclude is None else exclude | same
         else:
             scores = torch.einsum("nd,ngd->ng", q32, t32.view(n, group, -1))  # (N, group)
             labels = torch.zeros(n, dtype=torch.long, device=q.device)
             if valid is not None:
                 exclude = ~valid.to(q.device).view(n, group)  # (N, group)
+            if keys is not None:
+                same = keys.view(n, group) == pos_keys[:, None]
+                same[:, 0] = False
+                n_same = int(same.sum())
+                exclude = same if exclude is None else exclude | same
         loss, correct, masked = _masked_cross_entropy(scores, labels, scale, self.false_negative_margin, exclude)
         if self.symmetric:
             pos = t32.view(n, group, -1)[:, 0]  # (N, D)
             scores_t = pos @ q32.T  # (N, N)
+            exclude_t = None
+            if keys is not None:  # query j whose positive equals positive i is not a negative of positive i
+                exclude_t = pos_keys[:, None] == pos_keys[None, :]
+                exclude_t.fill_diagonal_(False)
             loss_t, _, masked_t = _masked_cross_entropy(
-                scores_t, torch.arange(n, device=q.device), scale, self.false_negative_margin
+                scores_t, torch.arange(n, device=q.device), scale, self.false_negative_margin, exclude_t
             )
             loss = 0.5 * (loss + loss_t)
             masked += masked_t
@@ -235,6 +266,7 @@ class InfoNCELoss(nn.Module):
             "scale": float(scale.detach()) if isinstance(scale, torch.Tensor) else scale,
             "grad_scale": world,
             "masked": masked,
+            "same_targets": n_same,
             "num_queries": n,
             "num_targets": n * group,
             "padded_targets": 0 if valid is None else int((~valid).sum().item()),
@@ -245,5 +277,6 @@ class InfoNCELoss(nn.Module):
         return (
             f"temperature={self.temperature}, learnable_temperature={self.learnable_temperature}, "
             f"in_batch_negatives={self.in_batch_negatives}, symmetric={self.symmetric}, "
-            f"false_negative_margin={self.false_negative_margin}, gather={self.gather}"
+            f"false_negative_margin={self.false_negative_margin}, gather={self.gather}, "
+            f"mask_same_targets={self.mask_same_targets}"
         )

@@ -1,8 +1,8 @@
-"""The composed embedding model: vision -> connector -> splice -> backbone -> pooler -> projection.
+"""The embedding model: visual path -> backbone -> pooler -> fusion -> projection + normalization.
 
-Visual rows are written into ``inputs_embeds`` at the placeholder positions; the attention mask and
-position ids are built after splicing (``cumsum(mask) - 1``, so left and right padding give the same
-embedding, ALGORITHMS.md §6.3 and §8).
+One data path for every backbone (docs/architecture.md §2): the visual path turns the batch's images into visual
+rows (or ``None``), the backbone splices them and runs the LLM (pruning inside it when a pruner is set) and returns
+hidden states with the masks that align with them, the pooler reduces those to one vector per row.
 """
 
 from __future__ import annotations
@@ -18,8 +18,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from mmembed.config import ModelCfg
-from mmembed.data.sample import ImageRef, Side
-from mmembed.processing import InputError, Processor
+from mmembed.io import save_model
+from mmembed.processing import BaseProcessor
+from mmembed.types import ImageRef, InputError, Side
+from mmembed.visual import VisualPath, has_pixels
 
 __all__ = ["EmbeddingModel"]
 
@@ -41,8 +43,10 @@ def _check_text(row: int, what: str, value: Any) -> None:
 class EmbeddingModel(nn.Module):
     """One normalized vector per input (text, image(s), or both), steered by an instruction.
 
-    Build with :func:`mmembed.build_model` or :func:`mmembed.load`; the slots are ``vision``,
-    ``connector``, ``reducer``, ``backbone``, ``pooler``, ``fusion`` and the optional ``proj``.
+    Build with :func:`mmembed.build_model` or :func:`mmembed.load`. Slots (registered modules): ``vision``,
+    ``connector``, ``merge``, ``prune``, ``backbone``, ``pooler``, ``fusion`` and the optional ``proj``; ``visual``
+    (a :class:`~mmembed.visual.VisualPath` over them, or ``None`` for text-only models) and ``processor`` are plain
+    attributes.
     """
 
     def __init__(
@@ -50,18 +54,21 @@ class EmbeddingModel(nn.Module):
         cfg: ModelCfg,
         backbone: nn.Module,
         pooler: nn.Module,
-        processor: Processor,
+        processor: BaseProcessor,
+        visual: VisualPath | None = None,
+        *,
         vision: nn.Module | None = None,
         connector: nn.Module | None = None,
-        reducer: nn.Module | None = None,
+        merge: nn.Module | None = None,
+        prune: nn.Module | None = None,
         fusion: nn.Module | None = None,
     ) -> None:
         super().__init__()
         self.cfg = cfg
-        self.vision, self.connector, self.reducer = vision, connector, reducer
+        self.vision, self.connector, self.merge, self.prune = vision, connector, merge, prune
         self.backbone, self.pooler, self.fusion = backbone, pooler, fusion
         self.proj = nn.Linear(backbone.hidden_size, cfg.embed_dim, bias=False) if cfg.embed_dim else None
-        self.processor = processor
+        self.visual, self.processor = visual, processor
         # Run the visual path on text-only batches too (times 0), so every rank runs the same modules in every
         # forward: training always needs it; ZeRO-3 evaluation sets it (the training loop does).
         self.uniform_modules = False
@@ -77,43 +84,6 @@ class EmbeddingModel(nn.Module):
     def device(self) -> torch.device:
         return next(self.parameters()).device
 
-    def image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """(N_img, 3, S, S) -> (N_img, N', d) connector (then pre-LLM reducer) outputs, ready to splice."""
-        assert self.vision is not None and self.connector is not None
-        param = next(self.vision.parameters())
-        tokens = self.vision(pixel_values.to(device=param.device, dtype=param.dtype))  # (N_img, N, D_v)
-        feats = self.connector(tokens, self.vision.grid())  # (N_img, N', d)
-        if self.reducer is not None and getattr(self.reducer, "pre_llm", False):
-            feats = self.reducer(feats)  # (N_img, N'', d): merged per image (AIM §5a)
-        return feats
-
-    def splice(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Token embeddings with the visual rows written at the placeholder positions: (B, L, d)."""
-        input_ids = batch["input_ids"]
-        embeds = self.backbone.embed(input_ids)
-        pixels = batch.get("pixel_values")
-        if pixels is None or pixels.shape[0] == 0:
-            if (self.training or self.uniform_modules) and self.vision is not None:
-                # Text-only batch in training: run the visual path on one blank image and add it times 0,
-                # so every rank (and every GradCache chunk) runs the same modules and produces gradients
-                # for the same parameters. ZeRO-3 gathers parameters per module call and ZeRO-2 reduces
-                # in buckets; both hang or fail when ranks differ (LLaVA adds 0 * visual for the same reason).
-                size = self.vision.image_size
-                blank = self.image_features(torch.zeros(1, 3, size, size))
-                embeds = embeds + 0.0 * blank.sum().to(embeds.dtype)
-            return embeds
-        feats = self.image_features(pixels)  # (N_img, N', d)
-        slots = input_ids == self.processor.placeholder_id  # (B, L)
-        per_row = slots.sum(dim=1)
-        expected = batch["image_counts"].to(per_row.device) * feats.shape[1]
-        if not torch.equal(per_row, expected):
-            bad = int((per_row != expected).nonzero()[0, 0])
-            raise InputError(
-                f"row {bad}: {int(per_row[bad])} image placeholder tokens but {int(expected[bad])} visual tokens "
-                f"({int(batch['image_counts'][bad])} image(s) x {feats.shape[1]})"
-            )
-        return embeds.masked_scatter(slots.unsqueeze(-1), feats.to(embeds.dtype).reshape(-1, feats.shape[-1]))
-
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """A processor batch -> (B, D) embeddings (L2-normalized when ``cfg.normalize``)."""
         return self.forward_with_aux(batch)[0]
@@ -125,71 +95,55 @@ class EmbeddingModel(nn.Module):
         hidden state just before the compression token, through the same gate/projection/normalization, and
         ``visual_mask`` (B,) bool: rows that contain the token. Otherwise ``aux`` is empty.
         """
-        device = self.device
-        batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-        attention_mask = batch["attention_mask"]
-        pool_attention, pool_mask = attention_mask, batch["pool_mask"]
-        if not getattr(self.backbone, "native", False):
-            embeds = self.splice(batch)
-            position_ids = (attention_mask.cumsum(dim=-1) - 1).clamp_min(0)  # after splicing: pad-side independent
-        all_layers = self.pooler.needs_all_layers
-        has_pixels = batch.get("pixel_values") is not None and batch["pixel_values"].shape[0] > 0
-        if getattr(self.backbone, "native", False):  # the HF VLM's own forward (vision tower inside)
-            # (B, L') masks: the sequence is rebuilt when a connector or reducer changes the visual tokens
-            hidden, pool_attention, pool_mask = self.backbone.forward_native(
-                batch, all_layers=all_layers, reducer=self.reducer, uniform=self.training or self.uniform_modules
-            )
-        elif self.reducer is not None and getattr(self.reducer, "in_llm", False) and has_pixels:
-            visual = batch["input_ids"] == self.processor.placeholder_id  # (B, L)
-            hidden, kept = self.backbone.forward_pruned(
-                embeds, attention_mask, position_ids, visual, self.reducer, all_layers=all_layers
-            )
-            pool_attention, pool_mask = attention_mask * kept, pool_mask * kept  # pruned rows leave the pool
-        else:
-            hidden = self.backbone(embeds, attention_mask, position_ids, all_layers=all_layers)
-        pooled = self.pooler(hidden, pool_attention, pool_mask)
+        batch = self.processor.to(batch, self.device)
+        rows, dummy = None, None
+        if self.visual is not None:
+            rows = self.visual(batch)
+            if (self.training or self.uniform_modules) and not has_pixels(batch):
+                # a text-only batch runs the visual path on a blank image (added times 0 below) at the point where a
+                # batch with images runs it, so every rank calls the same modules in the same order (ZeRO-3)
+                dummy = self.visual.blank()
+        hidden, attention, pool_mask = self.backbone(
+            batch, rows, pruner=self.prune, all_layers=self.pooler.needs_all_layers
+        )
+        pooled = self.pooler(hidden, attention, pool_mask)
+        if dummy is not None:
+            pooled = pooled + 0.0 * dummy.to(pooled.dtype)
         aux: dict[str, torch.Tensor] = {}
         if self.fusion is not None:
-            pooled_text = pooled  # (B, d) before the gate
-            image_global, has_image = self.image_global(batch, pooled.shape[0])
-            pooled = self.fusion(pooled, image_global, has_image)
-            token_id = getattr(self.fusion, "micl_token_id", None)
-            if token_id is not None:
-                last = hidden[-1] if isinstance(hidden, tuple) else hidden
-                marks = batch["input_ids"] == token_id  # (B, L)
-                before = (marks.to(torch.int64).argmax(dim=1) - 1).clamp_min(0)
-                visual_rep = last[torch.arange(last.shape[0], device=last.device), before]
-                has_mark = marks.any(dim=1)  # (B,)
-                # rows without the token fall back to their main representation (padding-independent)
-                visual_rep = torch.where(has_mark[:, None], visual_rep, pooled_text)
-                aux["visual"] = self._finish(self.fusion(visual_rep, image_global, has_image))
-                aux["visual_mask"] = has_mark
+            pooled, aux = self._fuse(batch, pooled, hidden)
         return self._finish(pooled), aux
+
+    def _fuse(
+        self, batch: dict[str, torch.Tensor], pooled: torch.Tensor, hidden: Any
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Late fusion (NoteLLM-2) of the pooled text rep with the rows' global image features, and the mICL rep."""
+        rows = pooled.shape[0]
+        if self.visual is None:
+            counts = batch["image_counts"].to(pooled.device)
+            image_global, has_image = torch.zeros(rows, self.backbone.hidden_size, device=pooled.device), counts > 0
+        else:
+            image_global, has_image = self.visual.global_feature(batch, rows)
+        fused = self.fusion(pooled, image_global, has_image)
+        aux: dict[str, torch.Tensor] = {}
+        token_id = getattr(self.fusion, "micl_token_id", None)
+        if token_id is not None:
+            last = hidden[-1] if isinstance(hidden, tuple) else hidden
+            marks = batch["input_ids"] == token_id  # (B, L)
+            before = (marks.to(torch.int64).argmax(dim=1) - 1).clamp_min(0)
+            visual_rep = last[torch.arange(last.shape[0], device=last.device), before]
+            has_mark = marks.any(dim=1)  # (B,)
+            # rows without the token fall back to their main representation (padding-independent)
+            visual_rep = torch.where(has_mark[:, None], visual_rep, pooled)
+            aux["visual"] = self._finish(self.fusion(visual_rep, image_global, has_image))
+            aux["visual_mask"] = has_mark
+        return fused, aux
 
     def _finish(self, pooled: torch.Tensor) -> torch.Tensor:
         if self.proj is not None:
             pooled = self.proj(pooled)
         pooled = pooled.float()
         return F.normalize(pooled, dim=-1) if self.cfg.normalize else pooled
-
-    def image_global(self, batch: dict[str, torch.Tensor], rows: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-row global image feature (B, D_v) (mean over a row's images) and ``has_image`` (B,) bool.
-
-        Uses ``vision.global_feature`` (CLS / pooled feature) on the same pixels; rows without images get zeros
-        (late fusion passes them through). Text-only models give zeros of width d.
-        """
-        counts = batch["image_counts"].to(self.device)
-        pixels = batch.get("pixel_values")
-        if self.vision is None:
-            return torch.zeros(rows, self.backbone.hidden_size, device=self.device), counts > 0
-        width = self.vision.out_dim
-        if pixels is None or pixels.shape[0] == 0:
-            return torch.zeros(rows, width, device=self.device), counts > 0
-        param = next(self.vision.parameters())
-        feats = self.vision.global_feature(pixels.to(device=param.device, dtype=param.dtype))  # (N_img, D_v)
-        row = torch.repeat_interleave(torch.arange(rows, device=feats.device), counts)
-        summed = torch.zeros(rows, feats.shape[-1], device=feats.device, dtype=feats.dtype).index_add(0, row, feats)
-        return summed / counts.clamp_min(1)[:, None].to(feats.dtype), counts > 0
 
     # ------------------------------------------------------------------------------------------
     # inference API
@@ -274,6 +228,4 @@ class EmbeddingModel(nn.Module):
 
     def save(self, directory: str | os.PathLike) -> Path:
         """Write the self-describing model directory (see :func:`mmembed.io.save_model`)."""
-        from mmembed.io import save_model
-
         return save_model(self, directory)

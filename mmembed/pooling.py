@@ -1,6 +1,6 @@
 """Poolers: hidden states (B, L, d) -> one vector per input (B, d).
 
-Last-token pooling follows VLM2Vec's padding-aware rule (ALGORITHMS.md §6.3); mean pooling can
+Last-token pooling follows VLM2Vec's padding-aware rule (docs/algorithms.md §6.3); mean pooling can
 skip instruction tokens as LLM2Vec ``skip_instruction`` / NV-Embed ``pool_mask`` do (§6.4).
 """
 
@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mmembed.registry import POOLERS
+from mmembed.types import ConfigError
 
 __all__ = [
     "Pooler",
@@ -125,7 +126,7 @@ class _CrossAttention(nn.Module):
 class LatentAttentionPooler(Pooler):
     """NV-Embed latent-attention pooling: tokens attend to a trainable latent array, then MLP and masked mean.
 
-    Lee et al., "NV-Embed", arXiv 2405.17428; ``nvidia/NV-Embed-v2`` ``modeling_nvembed.py`` (ALGORITHMS.md §6.1).
+    Lee et al., "NV-Embed", arXiv 2405.17428; ``nvidia/NV-Embed-v2`` ``modeling_nvembed.py`` (docs/algorithms.md §6.1).
     ``O = H + MHA(q=LN(H), k=v=LN(Latents))``; ``O = O + FF(LN(O))`` (GEGLU); masked mean of O over ``pool_mask``.
     The latents are a dictionary: no mask is needed on the keys. Defaults are small (NV-Embed: 512 latents,
     8 heads of width 4096); set ``num_latents``/``num_heads``/``head_dim`` for the paper's sizes.
@@ -168,7 +169,7 @@ class MultiLayerPooler(Pooler):
     """Multi-layers trainable pooling: learned latents cross-attend over one vector per layer.
 
     Tang & Yang, "Pooling And Attention: What Are Effective Designs For LLM-Based Embedding Models?",
-    arXiv 2409.02727; ``PoolingAndAttn:pooling_layers/*`` (ALGORITHMS.md §6.2). Per layer l the last-token
+    arXiv 2409.02727; ``PoolingAndAttn:pooling_layers/*`` (docs/algorithms.md §6.2). Per layer l the last-token
     (``per_layer: last``, causal) or masked-mean (``mean``, bidirectional) vector, plus a layer embedding, gives
     X (B, N_L, d); latents (r, d) attend to X (LayerNorm on both), residual, GEGLU FF with residual, mean over
     latents. Defaults are small (paper: 768 latents, 32 heads of 2048).
@@ -202,8 +203,6 @@ class MultiLayerPooler(Pooler):
 
     @staticmethod
     def check_config(args: dict) -> None:
-        from mmembed.config import ConfigError
-
         if args.get("per_layer", "last") not in ("last", "mean"):
             raise ConfigError("per_layer", f"got {args.get('per_layer')!r}; allowed: last, mean")
 

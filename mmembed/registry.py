@@ -14,7 +14,20 @@ import inspect
 from collections.abc import Callable
 from typing import Any
 
-__all__ = ["Registry", "VISION", "CONNECTORS", "REDUCERS", "BACKBONES", "POOLERS", "FUSIONS", "LOSSES", "ALL"]
+__all__ = [
+    "Registry",
+    "instantiate",
+    "slot_args",
+    "VISION",
+    "CONNECTORS",
+    "MERGERS",
+    "PRUNERS",
+    "BACKBONES",
+    "POOLERS",
+    "FUSIONS",
+    "LOSSES",
+    "ALL",
+]
 
 
 class Registry:
@@ -43,16 +56,13 @@ class Registry:
         return deco
 
     def names(self) -> list[str]:
-        _load_builtins()
         return sorted(self._entries)
 
     def __contains__(self, name: object) -> bool:
-        _load_builtins()
         return name in self._entries
 
     def get(self, name: str) -> Callable[..., Any]:
         """Return the builder registered as ``name``; a KeyError suggests the closest names."""
-        _load_builtins()
         if name not in self._entries:
             raise KeyError(self.unknown_message(name))
         return self._entries[name]
@@ -89,34 +99,41 @@ class Registry:
 
 VISION = Registry("vision encoder")
 CONNECTORS = Registry("connector", injected=("in_dim", "out_dim"))
-REDUCERS = Registry("token reducer", injected=("dim", "num_layers"))
+MERGERS = Registry("token merger")
+PRUNERS = Registry("token pruner", injected=("num_layers",))
 BACKBONES = Registry("backbone")
 POOLERS = Registry("pooler", injected=("dim", "num_layers"))
 FUSIONS = Registry("fusion", injected=("dim", "vision_dim"))
 LOSSES = Registry("loss")
 
+#: model slot (or ``loss``) -> its registry. The built-in components register themselves when their modules are
+#: imported, which ``import mmembed`` does (timm's layout: the registry imports none of them, so no import circle).
 ALL: dict[str, Registry] = {
     "vision": VISION,
     "connector": CONNECTORS,
-    "reducer": REDUCERS,
+    "merge": MERGERS,
+    "prune": PRUNERS,
     "backbone": BACKBONES,
     "pooler": POOLERS,
     "fusion": FUSIONS,
     "loss": LOSSES,
 }
 
-_loaded = False
+
+def slot_args(node: dict[str, Any] | None) -> dict[str, Any]:
+    """A slot's constructor arguments: the mapping without its ``type``."""
+    return {} if node is None else {k: v for k, v in node.items() if k != "type"}
 
 
-def _load_builtins() -> None:
-    """Import the built-in component modules once so their decorators run."""
-    global _loaded
-    if _loaded:
-        return
-    _loaded = True
-    import mmembed.backbones  # noqa: F401
-    import mmembed.connectors  # noqa: F401
-    import mmembed.encoders  # noqa: F401
-    import mmembed.losses  # noqa: F401
-    import mmembed.pooling  # noqa: F401
-    import mmembed.tokens  # noqa: F401
+def instantiate(registry: Registry, spec: dict[str, Any], **injected: Any) -> Any:
+    """Build the component ``spec['type']`` with its config args plus the injected ones it accepts.
+
+    The built object remembers ``init_args`` (what the config set) and ``registry_name``, which saving writes back.
+    """
+    cls = registry.get(spec["type"])
+    params = inspect.signature(cls).parameters
+    args = slot_args(spec)
+    obj = cls(**{k: v for k, v in injected.items() if k in params}, **args)
+    obj.init_args = dict(args)
+    obj.registry_name = spec["type"]
+    return obj

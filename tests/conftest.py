@@ -65,3 +65,11 @@ def torch_extensions_dir(tmp_path_factory) -> str:
     path = os.environ.get("TORCH_EXTENSIONS_DIR") or str(tmp_path_factory.mktemp("torch_ext"))
     os.environ["TORCH_EXTENSIONS_DIR"] = path
     return path
+
+
+@pytest.fixture(scope="session")
+def hf_checkpoint(tmp_path_factory):
+    """family -> (directory holding a tiny HF checkpoint + processor, the HF model, the processor)."""
+    from tests.native_vlms import hf_checkpoint_factory
+
+    return hf_checkpoint_factory(tmp_path_factory)

@@ -1,4 +1,6 @@
-"""Tiny HF VLM checkpoints saved offline in the hub layout (config + weights + processor), and a recipe runner."""
+"""Tiny HF VLM checkpoints saved offline in the hub layout (config + weights + processor), and a recipe runner.
+
+The session fixture ``hf_checkpoint`` is registered in tests/conftest.py."""
 
 from __future__ import annotations
 
@@ -7,10 +9,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[1]
 
 FAMILIES = ("qwen2_vl", "qwen2_5_vl", "llava", "llava_next")
 
@@ -39,8 +40,7 @@ def tiny_hf(family: str, seed: int = 0):
     return model, build_tiny_llava_processor(pinpoints=pins), "llava"
 
 
-@pytest.fixture(scope="session")
-def hf_checkpoint(tmp_path_factory):
+def hf_checkpoint_factory(tmp_path_factory):
     """family -> (directory holding a tiny HF checkpoint + processor, the HF model, the processor)."""
     cache: dict[str, tuple[Path, object, object]] = {}
 

@@ -50,7 +50,7 @@ def test_save_load_gives_identical_embeddings(vision, tmp_path, monkeypatch):
     assert files == ["README.md", "backbone", CONFIG_NAME, WEIGHTS_NAME, "tokenizer"]
     assert not list(out.rglob("*.bin")) and not list(out.rglob("*.pt")) and not list(out.rglob("*.pkl"))
     meta = json.loads((out / CONFIG_NAME).read_text())
-    assert meta["format_version"] == 1 and meta["embed_dim"] == 32 and meta["similarity"] == "cosine"
+    assert meta["format_version"] == 2 and meta["embed_dim"] == 32 and meta["similarity"] == "cosine"
     assert {"torch", "transformers", "mmembed"} <= set(meta["versions"])
     assert meta["preprocess"]["size"] == model.vision.image_size
     assert meta["model"]["backbone"]["pretrained"] is False and "config" not in meta["model"]["backbone"]

@@ -200,3 +200,25 @@ def test_negative_mask_drops_padding_slots_for_every_query(in_batch: bool) -> No
     torch.testing.assert_close(loss_mod(q, t, negative_mask=all_real), loss_mod(q, t))
     with pytest.raises(ValueError, match="negative_mask"):
         loss_mod(q, t, negative_mask=all_real[:, :1])
+
+
+def test_identical_targets_are_not_negatives_of_each_other():
+    """Two queries of one class share the label text: each one's positive is masked out of the other's negatives
+    (NV-Embed's false-negative rule), in both terms; without keys or with the option off nothing changes."""
+    torch.manual_seed(0)
+    q = torch.nn.functional.normalize(torch.randn(3, 8), dim=-1)
+    t = torch.nn.functional.normalize(torch.randn(6, 8), dim=-1)  # [pos_i, neg_i] per query
+    keys = torch.tensor([7, 1, 7, 2, 3, 4])  # the positives of queries 0 and 1 are the same content
+    masked, stats = InfoNCELoss(temperature=0.1)(q, t, target_keys=keys, return_stats=True)
+    plain = InfoNCELoss(temperature=0.1)(q, t)
+    off = InfoNCELoss(temperature=0.1, mask_same_targets=False)(q, t, target_keys=keys)
+    assert stats["same_targets"] == 2 and torch.equal(off, plain) and not torch.allclose(masked, plain)
+    logits = (q @ t.T) / 0.1
+    logits[0, 2] = logits[1, 0] = float("-inf")  # column 2 is query 1's positive = query 0's, and vice versa
+    expected = torch.nn.functional.cross_entropy(logits, torch.tensor([0, 2, 4]))
+    assert torch.allclose(masked, expected, atol=1e-6)
+    sym = InfoNCELoss(temperature=0.1, symmetric=True)(q, t, target_keys=keys)
+    scores_t = (t[0::2] @ q.T) / 0.1
+    scores_t[0, 1] = scores_t[1, 0] = float("-inf")
+    expected_t = torch.nn.functional.cross_entropy(scores_t, torch.arange(3))
+    assert torch.allclose(sym, 0.5 * (expected + expected_t), atol=1e-6)

@@ -8,6 +8,7 @@ import torch
 
 import mmembed
 from mmembed.processing import InputError
+from mmembed.types import Side
 from tests.conftest import TINY_RECIPE, make_image
 
 # Decoder families whose tiny configs the tests build (AutoModel.from_config, no download).
@@ -110,9 +111,7 @@ def test_bad_rows_are_named(tiny_model, tmp_path):
 def test_long_text_is_truncated_once_with_a_warning_and_keeps_the_image(tiny_model, caplog):
     long = "word " * 400
     with caplog.at_level("WARNING"):
-        batch = tiny_model.processor(
-            [mmembed.data.sample.Side(text=long, images=[make_image(0)]), mmembed.data.sample.Side(text=long)]
-        )
+        batch = tiny_model.processor([Side(text=long, images=[make_image(0)]), Side(text=long)])
     assert batch["input_ids"].shape[1] <= tiny_model.cfg.max_length + tiny_model.processor.image_tokens
     n_img = (batch["input_ids"][0] == tiny_model.processor.placeholder_id).sum()
     assert n_img == tiny_model.processor.image_tokens
@@ -121,10 +120,8 @@ def test_long_text_is_truncated_once_with_a_warning_and_keeps_the_image(tiny_mod
 
 def test_processor_masks_and_expansion(tiny_model):
     p = tiny_model.processor
-    side = mmembed.data.sample.Side(
-        instruction="Represent the given image.", text="a red circle", images=[make_image(0)]
-    )
-    batch = p([side, mmembed.data.sample.Side(text="hi")])
+    side = Side(instruction="Represent the given image.", text="a red circle", images=[make_image(0)])
+    batch = p([side, Side(text="hi")])
     ids, am, pm = batch["input_ids"], batch["attention_mask"], batch["pool_mask"]
     assert ids.shape[1] == am[0].sum()  # the longest row sets the length (pad to longest, not a fixed length)
     assert (ids[0] == p.placeholder_id).sum() == p.image_tokens == 16
@@ -137,17 +134,16 @@ def test_processor_masks_and_expansion(tiny_model):
 
 def test_split_batch_chunks_give_the_same_embeddings(tiny_model):
     from mmembed.data.sample import Side
-    from mmembed.processing import split_batch
 
     texts, images, instr = _rows()
     sides = tiny_model._rows(texts, images, instr)
     batch = tiny_model.processor(sides)
     with torch.no_grad():
         full = tiny_model(batch)
-        parts = torch.cat([tiny_model(c) for c in split_batch(batch, 3)])
+        parts = torch.cat([tiny_model(c) for c in tiny_model.processor.split(batch, 3)])
     assert isinstance(sides[0], Side)
     assert torch.allclose(full, parts, atol=1e-5)
-    chunks = split_batch(batch, 3)
+    chunks = tiny_model.processor.split(batch, 3)
     assert [c["input_ids"].shape[0] for c in chunks] == [3, 3, 1]
     assert sum(c.get("pixel_values", torch.empty(0, 3, 64, 64)).shape[0] for c in chunks) == 6
     assert chunks[-1]["input_ids"].shape[1] == int(batch["attention_mask"][-1].sum())  # trimmed to its own length

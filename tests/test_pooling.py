@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from mmembed.pooling import LatentAttentionPooler, MultiLayerPooler
-from tests.components import build, rows
+from tests.tiny_models import build, rows
 
 
 def test_latent_attention_ignores_padding_and_instruction_tokens():

@@ -88,22 +88,27 @@ def test_contract(slot, name, i, tmp_path):
         ids[0, 2] = ph
         am = torch.ones_like(ids)
         pos = (am.cumsum(-1) - 1).clamp_min(0)
-        out = bb(bb.embed(ids), am, pos)
+        out = bb.language_forward(bb.embed(ids), am, pos)
         assert out.shape == (2, 6, bb.hidden_size)
-        layers = bb(bb.embed(ids), am, pos, all_layers=True)
+        layers = bb.language_forward(bb.embed(ids), am, pos, all_layers=True)
         assert len(layers) == bb.num_layers and torch.allclose(layers[-1], out, atol=1e-5)
 
-        if getattr(bb, "native", False):  # native VLMs (qwen2_vl, llava): the HF model's own image path too
-            from mmembed.config import ModelCfg
-            from mmembed.data.sample import Side
-            from tests.conftest import make_image
+        # the backbone contract: a processor batch (+ visual rows) -> (hidden, attention_mask, pool_mask)
+        from mmembed.config import ModelCfg
+        from mmembed.processing import make_processor
+        from mmembed.types import Side
+        from tests.conftest import make_image
 
-            batch = bb.make_processor(ModelCfg(backbone={"type": name}))(
-                [Side(text="a red circle", images=[make_image(0)]), Side(text="blue")]
-            )
+        visual = bb.visual_path(None, None, None, None)
+        processor = make_processor(bb, visual, ModelCfg(backbone={"type": name}))
+        with_image = processor.transform is not None or bb.processor == "hf"  # composed without vision: text only
+        sides = [Side(text="a red circle", images=[make_image(0)] if with_image else []), Side(text="blue")]
+        batch = processor(sides)
+        if with_image:
             assert int((batch["input_ids"] == ph).sum()) > 0, "the image token id must match the processor's"
-            hidden = bb.forward_native(batch)[0]
-            assert hidden.shape == (*batch["input_ids"].shape, bb.hidden_size) and torch.isfinite(hidden).all()
+        hidden, mask, pool = bb(batch, visual(batch) if visual is not None else None)
+        assert hidden.shape == (*batch["input_ids"].shape, bb.hidden_size) and torch.isfinite(hidden).all()
+        assert mask.shape == pool.shape == batch["input_ids"].shape
 
         def rebuild():
             export = bb.export(tmp_path)
@@ -115,7 +120,7 @@ def test_contract(slot, name, i, tmp_path):
             assert other.add_placeholder("<image>") == ph
             return other
 
-        run = lambda m: m(m.embed(ids), am, pos)  # noqa: E731
+        run = lambda m: m.language_forward(m.embed(ids), am, pos)  # noqa: E731
         module = bb
     elif slot == "loss":
         loss_fn, args = _build(slot, name, i)
@@ -130,25 +135,29 @@ def test_contract(slot, name, i, tmp_path):
         run = lambda m: m(q.detach(), t)  # noqa: E731
         module = loss_fn
         out = run(module)
-    elif slot == "reducer":
-        red, args = _build(slot, name, i, dim=32, num_layers=2)
-        assert red.pre_llm or red.in_llm, "a reducer acts before the LLM, inside it, or both"
+    elif slot == "merge":
+        red, args = _build(slot, name, i)
         x = torch.randn(2, 16, 32)
+        out = red(x)
+        assert out.shape == (2, red.num_tokens(16), 32)
+        merged, index = red.reduce(x)
+        assert torch.equal(merged, out) and index.shape == (2, red.num_tokens(16))
+        assert bool((index[:, 1:] > index[:, :-1]).all()), "survivors keep their original order"
+        run = lambda m: m(x)  # noqa: E731
+        rebuild = lambda: instantiate(ALL[slot], {"type": name, **args})  # noqa: E731
+        module = red
+    elif slot == "prune":
+        red, args = _build(slot, name, i, num_layers=2)
         q, k = torch.randn(2, 4, 6, 8), torch.randn(2, 4, 6, 8)
         valid = torch.tensor([[0, 1, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1]], dtype=torch.bool)
         causal = torch.ones(6, 6, dtype=torch.bool).tril()
         allowed = (valid[:, None, None, :] & causal) | torch.eye(6, dtype=torch.bool)
-        if red.in_llm:
-            assert len(red.keep_ratios) == 2 and all(0.0 <= r <= 1.0 for r in red.keep_ratios)
-            score = red.importance(q, k, allowed, valid)
-            assert score.shape == (2, 6) and bool(score[0, 0] == -1.0) and bool((score[:, 1:] >= 0).all())
-            out = score
-            run = lambda m: m.importance(q, k, allowed, valid)  # noqa: E731
-        if red.pre_llm:
-            out = red(x)
-            assert out.shape == (2, red.num_tokens(16), 32)
-            run = lambda m: m(x)  # noqa: E731
-        rebuild = lambda: instantiate(ALL[slot], {"type": name, **args}, dim=32, num_layers=2)  # noqa: E731
+        assert len(red.keep_ratios) == 2 and all(0.0 <= r <= 1.0 for r in red.keep_ratios)
+        score = red.importance(q, k, allowed, valid)
+        assert score.shape == (2, 6) and bool(score[0, 0] == -1.0) and bool((score[:, 1:] >= 0).all())
+        out = score
+        run = lambda m: m.importance(q, k, allowed, valid)  # noqa: E731
+        rebuild = lambda: instantiate(ALL[slot], {"type": name, **args}, num_layers=2)  # noqa: E731
         module = red
     elif slot == "fusion":
         fusion, args = _build(slot, name, i, dim=32, vision_dim=24)

@@ -1,4 +1,4 @@
-"""Component tests (issue 6); helpers: tiny models from the tiny recipe with overrides, mixed input rows."""
+"""Helpers of the component tests: tiny models from the tiny recipe with overrides, mixed input rows."""
 
 from __future__ import annotations
 

@@ -11,7 +11,8 @@ plain/encode should stay >= 0.95 on a model big enough that compute dominates.
 Native VLM recipes (``qwen2_vl``, ``llava`` backbones) compare ``model.encode`` with a plain transformers forward
 (the HF processor + ``Model.model(**inputs)``, last token, normalize) of the same model and batch, and with
 ``--merge R`` also ``model.encode`` with token merging (keep ratio R per image); ``--reduce SPEC`` times any
-reducer (``'{type: aim, keep_ratio: 0.25}'``: merging before the LLM and AIM pruning inside it). ``--random-init``
+reduction (``'{merge: {type: aim, keep_ratio: 0.25}, prune: {type: aim}}'``: AIM merging before the LLM and
+pruning inside it; the format-1 form ``'{type: aim, keep_ratio: 0.25}'`` is read too). ``--random-init``
 builds the recipe's architecture from a built-in copy of its HF config (no download) with the offline processor:
 
     python tools/bench_encode.py --recipe recipes/vlm2vec/qwen2vl_2b.yaml --random-init --merge 0.25 --device cuda
@@ -20,6 +21,7 @@ builds the recipe's architecture from a built-in copy of its HF config (no downl
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import time
 
@@ -94,7 +96,7 @@ def main() -> None:
         "--reduce",
         action="append",
         default=[],
-        help="also time this reducer, a YAML mapping (repeatable), e.g. '{type: aim, keep_ratio: 0.25}'",
+        help="also time this reduction, a YAML mapping (repeatable), e.g. '{merge: {type: aim}, prune: {type: aim}}'",
     )
     ap.add_argument("--dtype", help="native VLM recipes: override model.backbone.dtype (float32 / bfloat16)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -102,10 +104,12 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    from mmembed.config import load_recipe
+    from omegaconf import OmegaConf
+
+    from mmembed.config import load_recipe, upgrade_model_dict
     from mmembed.registry import BACKBONES
 
-    native = getattr(BACKBONES.get(load_recipe(args.recipe).model.backbone["type"]), "native", False)
+    native = BACKBONES.get(load_recipe(args.recipe).model.backbone["type"]).processor == "hf"  # HF-processor VLM
     if native:
         overrides = native_overrides(args.recipe, args.random_init, args.dtype)
     else:
@@ -128,28 +132,23 @@ def main() -> None:
     def run_encode() -> np.ndarray:
         return model.encode(texts=texts, images=images, instruction=instruction, batch_size=bs, show_progress_bar=False)
 
-    def run_reduced(reducer: torch.nn.Module) -> np.ndarray:
-        model.reducer = reducer
-        try:
-            return run_encode()
-        finally:
-            model.reducer = None
-
     runs = {"plain": run_plain, "encode": run_encode}
-    specs = ([f"{{type: merge, keep_ratio: {args.merge}}}"] if args.merge else []) + args.reduce
-    if specs and model.reducer is not None:
-        raise SystemExit("--merge/--reduce compare against a model without a reducer; drop model.reducer")
+    specs = ([f"{{merge: {{type: aim, keep_ratio: {args.merge}}}}}"] if args.merge else []) + args.reduce
+    if specs and (model.merge is not None or model.prune is not None):
+        raise SystemExit("--merge/--reduce compare against a model without token reduction; drop model.merge/prune")
     for text in specs:
-        from omegaconf import OmegaConf
-
-        from mmembed.build import instantiate
-        from mmembed.registry import REDUCERS
-
         spec = OmegaConf.to_container(OmegaConf.create(text))
-        d, layers = model.backbone.hidden_size, model.backbone.num_layers
-        reducer = instantiate(REDUCERS, spec, dim=d, num_layers=layers).to(args.device)
+        if "type" in spec:  # a format-1 reducer mapping
+            spec = upgrade_model_dict({"reducer": spec})
+        slots = [f"model.{k}={json.dumps(v)}" for k, v in spec.items() if k in ("merge", "prune")]
+        reduced = mmembed.build_model(args.recipe, overrides + slots).eval().to(args.device)
+        reduced.load_state_dict(model.state_dict())  # mergers and pruners have no weights
         name = "encode + " + ", ".join(f"{k}={v}" for k, v in spec.items())
-        runs[name] = lambda r=reducer: run_reduced(r)
+
+        def run_reduced(m: torch.nn.Module = reduced) -> np.ndarray:
+            return m.encode(texts=texts, images=images, instruction=instruction, batch_size=bs, show_progress_bar=False)
+
+        runs[name] = run_reduced
         runs[name]()  # warm-up
     diff = np.abs(run_plain() - run_encode()).max()  # also warms up both paths
     times: dict[str, list[float]] = {k: [] for k in runs}

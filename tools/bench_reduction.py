@@ -1,6 +1,6 @@
 """Visual-token reduction on CPU: tokens into the LLM, analytic LLM FLOPs, encode time and peak memory.
 
-Settings (AIM, arXiv 2412.03248; ALGORITHMS.md §5): no reduction, ``merge`` to 50% and 25% of each image's
+Settings (AIM, arXiv 2412.03248; docs/algorithms.md §5): no reduction, ``merge`` to 50% and 25% of each image's
 tokens, ``prune`` (progressive, inside the LLM; pruned rows removed) and ``aim`` (merge 25% + prune). Each
 backbone's settings are timed in one process with interleaved runs (min and median reported, so load from
 other processes on a shared machine hits every setting alike); peak RSS comes from a fresh process per
@@ -47,10 +47,10 @@ def settings(num_layers: int) -> dict[str, list[str]]:
     prune = f"start_layer: {start}, step: {step}"
     return {
         "none": [],
-        "merge 50%": ["model.reducer={type: merge, keep_ratio: 0.5}"],
-        "merge 25%": ["model.reducer={type: merge, keep_ratio: 0.25}"],
-        "prune": [f"model.reducer={{type: prune, {prune}}}"],
-        "merge 25% + prune": [f"model.reducer={{type: aim, keep_ratio: 0.25, {prune}}}"],
+        "merge 50%": ["model.merge={type: aim, keep_ratio: 0.5}"],
+        "merge 25%": ["model.merge={type: aim, keep_ratio: 0.25}"],
+        "prune": [f"model.prune={{type: aim, {prune}}}"],
+        "merge 25% + prune": ["model.merge={type: aim, keep_ratio: 0.25}", f"model.prune={{type: aim, {prune}}}"],
     }
 
 
@@ -96,7 +96,7 @@ def _count(model, texts, images, batch: int) -> dict:
     visual = (batch_in["input_ids"] == model.processor.placeholder_id) & valid
     n_vis, n_text = int(visual[0].sum()), int((valid & ~visual)[0].sum())
     cfg = model.backbone.model.config.get_text_config()
-    ratios = list(getattr(model.reducer, "keep_ratios", [1.0] * cfg.num_hidden_layers))
+    ratios = list(model.prune.keep_ratios) if model.prune is not None else [1.0] * cfg.num_hidden_layers
     hd = cfg.hidden_size // cfg.num_attention_heads
     counts, score_flops, cur = [], 0.0, n_vis
     for ratio in ratios:  # tokens each layer sees, then the count after it
@@ -150,11 +150,13 @@ def _sub(*args: str) -> dict | float | None:
 def run_quality(model_dir: str, data: str) -> dict[str, float]:
     """Held-out hit@1 (mean over tasks) of a trained model under each setting (training-free reduction, as AIM).
 
-    The saved config is rebuilt with the setting's reducer and the trained weights loaded (reducers have none).
+    The saved config is rebuilt with the setting's merge/prune slots and the trained weights loaded (they have none).
     """
+    from omegaconf import OmegaConf
+
     import mmembed
     from mmembed.build import build_from_cfg
-    from mmembed.config import model_cfg_from_dict
+    from mmembed.config import model_cfg_from_dict, upgrade_model_dict
     from mmembed.eval import evaluate, load_eval_sets, read_task_meta
 
     base = mmembed.load(model_dir)
@@ -172,11 +174,9 @@ def run_quality(model_dir: str, data: str) -> dict[str, float]:
                 "tokenizer": str(Path(model_dir) / "tokenizer"),
             },
         }
-        cfg_dict["reducer"] = None
-        for o in overrides:  # "model.reducer={...}" -> the reducer slot
-            from omegaconf import OmegaConf
-
-            cfg_dict["reducer"] = OmegaConf.to_container(OmegaConf.from_dotlist([o]))["model"]["reducer"]
+        cfg_dict = {k: v for k, v in upgrade_model_dict(cfg_dict).items() if k not in ("merge", "prune")}
+        for o in overrides:  # "model.merge={...}" -> the merge slot
+            cfg_dict.update(OmegaConf.to_container(OmegaConf.from_dotlist([o]))["model"])
         model = build_from_cfg(model_cfg_from_dict(cfg_dict)).eval()
         model.load_state_dict(state, strict=True)
         out[name] = evaluate(model, sets, batch_size=64, task_meta=task_meta)["overall"]

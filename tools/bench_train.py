@@ -100,7 +100,7 @@ def main() -> None:
     from mmembed.config import load_recipe
     from mmembed.registry import BACKBONES
 
-    native = getattr(BACKBONES.get(load_recipe(args.recipe).model.backbone["type"]), "native", False)
+    native = BACKBONES.get(load_recipe(args.recipe).model.backbone["type"]).processor == "hf"  # HF-processor VLM
     if native:
         from native_presets import native_overrides  # tools/ is on sys.path when run as a script
 

@@ -9,7 +9,7 @@ Layouts understood:
 - ``--adapter DIR`` names the adapter explicitly, SRC being the base.
 
 The ``ForConditionalGeneration`` model is loaded with its weights, the adapter is applied with peft and merged
-(``merge_and_unload``, as VLM2Vec does for evaluation, ANCHORS.md §1.8), the LM head is dropped, and the base model
+(``merge_and_unload``, as VLM2Vec does for evaluation, docs/mmeb.md §1.8), the LM head is dropped, and the base model
 (``.model``) becomes the mmembed backbone (``qwen2_vl`` or ``llava``, picked from ``config.model_type``) with
 last-token pooling and normalization (VLM2Vec's defaults). The output loads offline with ``mmembed.load``.
 """

@@ -1,7 +1,7 @@
 """Any transformers decoder LM (Qwen2/2.5/3, Llama, Phi-3, Mistral, Gemma) as an embedding backbone.
 
-The base model (``AutoModel``, no LM head) reads ``inputs_embeds`` with explicit ``position_ids``
-(left-padding safe, ALGORITHMS.md §6.3 and §8) and SDPA attention.
+The base model (``AutoModel``, no LM head) reads ``inputs_embeds`` with the visual rows spliced in and explicit
+``position_ids`` (left-padding safe, docs/algorithms.md §6.3 and §8), SDPA attention.
 """
 
 from __future__ import annotations
@@ -13,6 +13,8 @@ import torch
 
 from mmembed.backbones.base import Backbone, hidden_of
 from mmembed.registry import BACKBONES
+from mmembed.tiny import build_tiny_tokenizer
+from mmembed.types import ConfigError
 
 __all__ = ["HFCausalLM", "load_tokenizer"]
 
@@ -22,8 +24,6 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 def load_tokenizer(spec: str, trust_remote_code: bool = False) -> Any:
     """``tiny`` builds the offline test tokenizer; anything else goes to ``AutoTokenizer.from_pretrained``."""
     if spec == "tiny":
-        from mmembed.tiny import build_tiny_tokenizer
-
         return build_tiny_tokenizer()
     from transformers import AutoTokenizer
 
@@ -42,11 +42,11 @@ class HFCausalLM(Backbone):
         tokenizer: hub id, local directory, or ``tiny``; defaults to ``name``.
         dtype: ``float32`` (CPU default) or ``bfloat16`` / ``float16`` for GPUs.
         attn_implementation: ``sdpa`` (default), ``eager`` or ``flash_attention_2``.
-        add_eos: append the tokenizer's EOS so last-token pooling reads it (ALGORITHMS.md §6.3).
+        add_eos: append the tokenizer's EOS so last-token pooling reads it (docs/algorithms.md §6.3).
         trust_remote_code: passed to transformers; off unless the user turns it on.
         attention: ``causal`` (default) or ``bidirectional``: every attention module gets ``is_causal = False``
             and a padding-only 4-D mask (``masking_utils.create_bidirectional_mask``), which the SDPA, eager and
-            flash paths all honour (LLM2Vec / NV-Embed, ALGORITHMS.md §6.5). Needs contrastive fine-tuning.
+            flash paths all honour (LLM2Vec / NV-Embed, docs/algorithms.md §6.5). Needs contrastive fine-tuning.
     """
 
     example_args = [
@@ -122,6 +122,7 @@ class HFCausalLM(Backbone):
         self._dtype_name = dtype
         self.check_config({"attention": attention})
         self.attention = attention
+        self.causal = attention == "causal"
         if attention == "bidirectional":
             for module in self.model.modules():
                 if hasattr(module, "is_causal"):
@@ -129,8 +130,6 @@ class HFCausalLM(Backbone):
 
     @staticmethod
     def check_config(args: dict[str, Any]) -> None:
-        from mmembed.config import ConfigError
-
         if args.get("attention", "causal") not in ("causal", "bidirectional"):
             raise ConfigError("attention", f"got {args.get('attention')!r}; allowed: causal, bidirectional")
 
@@ -147,7 +146,7 @@ class HFCausalLM(Backbone):
         )
         return attention_mask if mask is None else mask  # flash-attention keeps the 2-D mask
 
-    def forward(
+    def language_forward(
         self,
         inputs_embeds: torch.Tensor,
         attention_mask: torch.Tensor,
@@ -163,31 +162,10 @@ class HFCausalLM(Backbone):
         )
         return hidden_of(out, all_layers)
 
-    def forward_pruned(
-        self,
-        inputs_embeds: torch.Tensor,
-        attention_mask: torch.Tensor,
-        position_ids: torch.Tensor,
-        visual_mask: torch.Tensor,
-        reducer: Any,
-        all_layers: bool = False,
-    ) -> tuple[torch.Tensor | tuple[torch.Tensor, ...], torch.Tensor]:
-        """Layer-by-layer forward removing pruned visual rows (AIM, :func:`mmembed.tokens.prune.pruned_forward`).
-
-        Returns hidden states scattered back to (B, L, d) and the (B, L) mask of tokens kept to the end.
-        """
-        from mmembed.tokens.prune import pruned_forward
-
-        return pruned_forward(
-            self.model,
-            inputs_embeds,
-            attention_mask,
-            position_ids,
-            visual_mask,
-            reducer,
-            causal=self.attention == "causal",
-            all_layers=all_layers,
-        )
+    def add_image_token(self, token: str) -> int:
+        """The image placeholder the processor expands: added to the tokenizer, written per visual token."""
+        self.image_token_id = self.add_placeholder(token)
+        return self.image_token_id
 
     def add_placeholder(self, token: str) -> int:
         if token not in self.tokenizer.get_vocab():

@@ -3,7 +3,7 @@
 The HF base model (``LlavaModel`` / ``LlavaNextModel``: CLIP or SigLIP tower -> MLP projector -> Llama/Mistral/
 Qwen2 LLM, arXiv 2310.03744) runs its own forward on the ``LlavaProcessor`` / ``LlavaNextProcessor`` output.
 LLaVA-Next's any-res tiling (``image_grid_pinpoints``) can be switched off (``anyres: false``): the image
-processor then keeps one base-resolution tile (VLM2Vec's low-res setting, ANCHORS.md §1.8 and §1.11).
+processor then keeps one base-resolution tile (VLM2Vec's low-res setting).
 """
 
 from __future__ import annotations
@@ -13,11 +13,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from mmembed.backbones.native import TINY_TEXT_CONFIG, NativeVLM, load_hf_processor, load_native
-from mmembed.backbones.splice import VisualItem, image_runs, line_positions
-from mmembed.processing import InputError
+from mmembed.backbones.native import TINY_TEXT_CONFIG, ModuleRef, NativeVLM, load_hf_processor, load_native
+from mmembed.backbones.splice import image_runs
 from mmembed.registry import BACKBONES
-from mmembed.tiny import TINY_CLIP_VISION_CONFIG
+from mmembed.tiny import TINY_CLIP_VISION_CONFIG, build_tiny_tokenizer
+from mmembed.types import ConfigError, InputError
+from mmembed.visual import VisualItem, line_positions
 
 __all__ = ["Llava", "build_tiny_llava_processor", "TINY_LLAVA_CONFIG", "TINY_LLAVA_NEXT_CONFIG"]
 
@@ -56,8 +57,6 @@ def build_tiny_llava_processor(
     ``<image>`` (id 400) + a CLIP-style image processor at ``image_size``."""
     from transformers import CLIPImageProcessor, LlavaNextImageProcessor, LlavaNextProcessor, LlavaProcessor
 
-    from mmembed.tiny import build_tiny_tokenizer
-
     tok = build_tiny_tokenizer()
     tok.add_tokens(["<image>"], special_tokens=True)
     sizes = {"size": {"shortest_edge": image_size}, "crop_size": {"height": image_size, "width": image_size}}
@@ -95,6 +94,7 @@ class Llava(NativeVLM):
     image_text = "<image>"
     image_token = "<image>"
     model_keys = ("input_ids", "attention_mask", "pixel_values", "image_sizes")
+    image_keys = ("image_sizes",)
     example_args = [
         {"config": TINY_LLAVA_CONFIG, "processor": "tiny"},
         {"config": _TINY_SIGLIP, "processor": "tiny-siglip"},
@@ -155,18 +155,16 @@ class Llava(NativeVLM):
         """The projector's input width (the tower width, times the layers when several are concatenated)."""
         return int(self.base_model().multi_modal_projector.linear_1.in_features)
 
-    def _install_connector(self, connector: nn.Module) -> None:
+    def _install_connector(self, connector: nn.Module) -> bool:
         """``multi_modal_projector`` calls ``connector`` on each tile's (g*g, D_v) features (grid (g, g)).
 
         A connector that keeps the count (``mlp``) leaves the HF forward, its processor and LLaVA-Next's any-res
         packing as they are; one that changes it (``pool_adapter``, ``visual_table``) is spliced by mmembed,
         which needs LLaVA-1.5 (any-res packing assumes the tower's grid) and patch features without CLS."""
-        from mmembed.config import ConfigError
-
         base = self.base_model()
         g = self._grid()
-        self._resized = connector.num_tokens(g) != g[0] * g[1]
-        if self._resized:
+        resized = connector.num_tokens(g) != g[0] * g[1]
+        if resized:
             if base.config.model_type == "llava_next":
                 raise ConfigError(
                     "model.connector",
@@ -180,13 +178,12 @@ class Llava(NativeVLM):
                     "(model.backbone.config.vision_feature_select_strategy: default)",
                 )
         base.multi_modal_projector = _ConnectorCall(connector, g)
+        return resized
 
-    def needs_splice(self, reducer: Any) -> bool:
-        return reducer is not None or getattr(self, "_resized", False)
-
-    def image_features(self, batch: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+    def image_features(self, batch: dict[str, torch.Tensor], connector: nn.Module | None) -> list[torch.Tensor]:
         """Per image (N_k, d): LLaVA's per-image features, or LLaVA-Next's packed ones (tiles, unpadding and
-        newline rows) cut at the processor's image-token runs."""
+        newline rows) cut at the processor's image-token runs. A swapped ``connector`` already sits in the
+        projector's place (:meth:`_install_connector`)."""
         kw = {"image_sizes": batch["image_sizes"]} if batch.get("image_sizes") is not None else {}
         pixels = batch["pixel_values"].to(self.model_dtype())
         feats = self.base_model().get_image_features(pixel_values=pixels, **kw, return_dict=True).pooler_output
@@ -199,21 +196,23 @@ class Llava(NativeVLM):
             raise InputError(f"{sum(sizes)} image tokens in the batch but {feats.shape[0]} image features")
         return list(feats.split(sizes))
 
-    def image_items(self, batch: dict[str, torch.Tensor]) -> list[VisualItem]:
+    def image_items(self, batch: dict[str, torch.Tensor], connector: nn.Module | None) -> list[VisualItem]:
         """1-D RoPE: each image's tokens take the next positions in order."""
-        return [VisualItem(f, line_positions(f.shape[0], f.device), f.shape[0]) for f in self.image_features(batch)]
+        feats = self.image_features(batch, connector)
+        return [VisualItem(f, line_positions(f.shape[0], f.device), f.shape[0]) for f in feats]
 
 
 class _ConnectorCall(nn.Module):
-    """Stands in for ``multi_modal_projector``: calls the connector the embedding model owns (held outside this
-    module's registry, so its weights are saved, trained and sharded once, as ``connector.*``)."""
+    """Stands in for ``multi_modal_projector``: calls the connector the embedding model owns through a
+    :class:`ModuleRef` (so its weights are saved, trained and sharded once, as ``connector.*``, outside peft's
+    frozen base model)."""
 
     def __init__(self, connector: nn.Module, grid: tuple[int, int]) -> None:
         super().__init__()
-        self.__dict__["target"] = connector
+        self.target = ModuleRef(connector)
         self.grid = grid
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(N_tiles, N, D_v) -> (N_tiles, N', d)."""
-        param = next(self.target.parameters())
+        param = next(self.target.module.parameters())
         return self.target(x.to(param.dtype), self.grid)

@@ -1,17 +1,16 @@
-"""Shared machinery for native VLM backbones: the transformers model keeps its own vision tower and projector.
+"""Native VLM backbones: the transformers model keeps its own vision tower, projector and processor.
 
-A native backbone (``native = True``) owns the whole HF base model (``Qwen2VLModel``, ``LlavaModel``: vision
-tower + projector + LLM, no LM head) and its HF processor. mmembed's :class:`NativeProcessor` turns
-:class:`~mmembed.data.sample.Side` rows into exactly what the HF processor would give for the VLM2Vec layout
-(``<image tokens> instruction text``, ANCHORS.md §1.3), and :meth:`NativeVLM.forward_native` runs the HF
-model's own forward on it (ALGORITHMS.md §8: the HF hook points; Qwen2-VL computes its M-RoPE positions from
-``input_ids``, ``attention_mask`` and ``image_grid_thw`` itself). The pooler, fusion and projection of
-:class:`~mmembed.model.EmbeddingModel` then apply as for any backbone.
+A native backbone owns the whole HF base model (``Qwen2VLModel``, ``LlavaModel``: vision tower + projector + LLM, no
+LM head) and its HF processor; :class:`~mmembed.processing.NativeProcessor` lays rows out as VLM2Vec does
+(``<image tokens> instruction text``, docs/data.md) and the HF processor expands the images. Its visual path
+(:class:`NativeVisual`) is stock (``None`` rows: the HF model's own forward embeds the images, bit-exact with
+transformers; Qwen2-VL then computes its M-RoPE positions itself, docs/algorithms.md §8) unless an mmembed connector
+that changes the tokens, a merger or a pruner is configured: then the rows are computed here and spliced with
+positions computed by mmembed (:mod:`mmembed.backbones.splice`), and the LLM runs on them.
 """
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 from typing import Any
 
@@ -19,16 +18,14 @@ import torch
 from torch import nn
 
 from mmembed.backbones.base import Backbone, hidden_of
-from mmembed.backbones.native_processor import NativeProcessor
-from mmembed.backbones.splice import Spliced, VisualItem, splice_visual
+from mmembed.types import ConfigError
+from mmembed.visual import VisualItem, VisualPath, has_pixels, merge_items
 
-__all__ = ["NativeVLM", "NativeProcessor", "DTYPES", "VLM2VEC_LORA_TARGETS"]
+__all__ = ["NativeVLM", "NativeVisual", "ModuleRef", "DTYPES", "VLM2VEC_LORA_TARGETS"]
 
-log = logging.getLogger(__name__)
-
-#: VLM2Vec's LoRA targets, matched by module-name suffix (ANCHORS.md §1.8). They hit every LLM projection; in the
-#: vision tower they hit CLIP/SigLIP attention (q/k/v/out_proj, LLaVA) and the Qwen2.5-VL ViT MLP, not the Qwen2-VL
-#: ViT (qkv, proj, fc1/fc2) nor any projector/merger.
+#: VLM2Vec's LoRA targets, matched by module-name suffix (docs/mmeb.md §1.8). They hit every LLM
+#: projection; in the vision tower they hit CLIP/SigLIP attention (q/k/v/out_proj, LLaVA) and the Qwen2.5-VL ViT
+#: MLP, not the Qwen2-VL ViT (qkv, proj, fc1/fc2) nor any projector/merger.
 VLM2VEC_LORA_TARGETS = [
     "qkv_proj",
     "o_proj",
@@ -45,21 +42,33 @@ VLM2VEC_LORA_TARGETS = [
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+class ModuleRef:
+    """A reference to a module another module owns, kept out of ``nn.Module`` registration (so its weights are
+    saved, trained and sharded once, under their owner's name). Calling it calls the module."""
+
+    def __init__(self, module: nn.Module) -> None:
+        self.module = module
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self.module(*args, **kwargs)
+
+
 class NativeVLM(Backbone):
     """Base class of native VLM backbones; subclasses set ``image_text`` / ``model_keys`` and build the model and
     processor in ``__init__`` (then call :meth:`_setup`), see qwen2_vl.py and llava.py.
 
     ``self.model`` is the HF base model (no LM head); LoRA (``train.lora``) wraps it with peft and the wrapped
-    model is called the same way. ``forward`` (text-only ``inputs_embeds`` through the language model) keeps
-    the generic backbone contract; embedding models call :meth:`forward_native`.
+    model is called the same way.
     """
 
-    native = True
-    supports_merge = True  # a pre-LLM token reducer (``merge``) between the vision tower and the LLM
-    supports_prune = True  # an in-LLM reducer (``prune``): the language model runs layer by layer
+    processor = "hf"
     image_text: str = "<image>"
     #: HF model inputs taken from a processor batch
     model_keys: tuple[str, ...] = ("input_ids", "attention_mask", "pixel_values")
+    #: per-image tensors of a batch besides ``pixel_values`` (GradCache splits them by the rows' image counts)
+    image_keys: tuple[str, ...] = ()
+    #: a (N_img, 3) key whose row product is each image's number of ``pixel_values`` rows (Qwen's flat patches)
+    patch_grid_key: str | None = None
 
     def _setup(self, model: Any, processor: Any, add_eos: bool, dtype: str, source: str) -> None:
         self.model = model
@@ -73,11 +82,10 @@ class NativeVLM(Backbone):
         self.add_eos = add_eos and self.tokenizer.eos_token_id is not None
         self._dtype_name = dtype
         self.image_token_id = self._check_image_token(source)
+        self._blank: dict[str, torch.Tensor] | None = None
 
     def _check_image_token(self, source: str) -> int:
         """The model's image token id; a processor whose tokenizer maps the image token elsewhere is refused."""
-        from mmembed.config import ConfigError
-
         token = getattr(self.hf_processor, "image_token", None) or self.image_token
         model_id = int(self.model.config.image_token_id)
         tok_id = self.tokenizer.convert_tokens_to_ids(token)
@@ -96,21 +104,6 @@ class NativeVLM(Backbone):
     def model_dtype(self) -> torch.dtype:
         return next(self.model.parameters()).dtype
 
-    def make_processor(self, cfg: Any) -> NativeProcessor:
-        """The processor an :class:`~mmembed.model.EmbeddingModel` uses with this backbone."""
-        return NativeProcessor(
-            self.hf_processor,
-            image_text=self.image_text,
-            image_token_id=self.image_token_id,
-            placeholder=cfg.image_placeholder,
-            image_tokens=self.tokens_per_image(),
-            padding_side=cfg.padding_side,
-            add_eos=self.add_eos,
-            max_pixels=cfg.max_pixels,
-            max_images=cfg.max_images_per_input,
-            max_length=cfg.max_length,
-        )
-
     def tokens_per_image(self) -> int:
         """Visual tokens per image (an upper bound where it varies per image)."""
         raise NotImplementedError
@@ -118,140 +111,127 @@ class NativeVLM(Backbone):
     def language_model(self) -> Any:
         return self.base_model().language_model
 
-    def forward(
-        self,
-        inputs_embeds: torch.Tensor,
-        attention_mask: torch.Tensor,
-        position_ids: torch.Tensor,
-        all_layers: bool = False,
-    ) -> torch.Tensor | tuple[torch.Tensor, ...]:
-        """(B, L, d) embeddings through the language model (no vision tower) with (B, L) positions, or (3, B, L)
-        M-RoPE ids for Qwen2-VL."""
-        out = self.language_model()(
-            inputs_embeds=inputs_embeds,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            output_hidden_states=all_layers,
-            use_cache=False,
-        )
-        return hidden_of(out, all_layers)
-
-    # ------------------------------------------------------------------------------------------
-    # visual tokens: the built-in projector or an mmembed connector, then the optional reducer
-
-    mrope = False  # positions are (3, B, L) M-RoPE ids (Qwen2-VL) rather than (B, L)
-
     def base_model(self) -> Any:
         """The HF base model under a peft wrapper, if any."""
         return self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
 
-    @property
-    def connector(self) -> Any:
-        """The mmembed connector that replaced the built-in projector, or ``None``."""
-        ref = self.__dict__.get("_connector_ref")
-        return ref[0] if ref else None
+    # ------------------------------------------------------------------------------------------
+    # what the builder asks
 
-    def attach_connector(self, connector: nn.Module) -> None:
-        """Replace the built-in projector (LLaVA's ``multi_modal_projector``, Qwen's ``visual.merger``) by
-        ``connector``. The :class:`~mmembed.model.EmbeddingModel` owns it (saved and trained as ``connector.*``,
-        outside peft's frozen base model); the backbone only holds a reference, never a second registration."""
-        self.__dict__["_connector_ref"] = [connector]
-        self._install_connector(connector)
+    @classmethod
+    def check_slots(cls, cfg: Any, prefix: str = "model") -> None:
+        """A native VLM has its own tower: ``model.vision`` and ``model.fusion`` are refused; ``model.connector``
+        replaces its projector; merge and prune act on its visual tokens."""
+        for slot in ("vision", "fusion"):
+            if getattr(cfg, slot) is not None:
+                raise ConfigError(
+                    f"{prefix}.{slot}",
+                    f"backbone '{cfg.backbone['type']}' has its own vision tower; model.{slot} is not supported with "
+                    "it (leave it out; model.connector replaces its projector)",
+                )
 
-    def vision_tower(self) -> nn.Module:
-        """The model's own vision tower (what ``train.freeze: [vision]`` freezes)."""
-        raise NotImplementedError
+    def visual_path(
+        self, vision: nn.Module | None, connector: nn.Module | None, merger: nn.Module | None, pruner: Any
+    ) -> NativeVisual:
+        """The model's own tower and projector, or ``connector`` in the projector's place (installed here)."""
+        changes_tokens = False
+        if connector is not None:
+            connector.to(self.model_dtype())
+            changes_tokens = self._install_connector(connector)
+        stock = merger is None and pruner is None and not changes_tokens
+        return NativeVisual(self, connector, merger, stock)
 
     def connector_in_dim(self) -> int:
         """Width of the vision features a replacing connector receives."""
         raise NotImplementedError
 
-    def _install_connector(self, connector: nn.Module) -> None:
+    def _install_connector(self, connector: nn.Module) -> bool:
+        """Put ``connector`` in the built-in projector's place; return whether the HF forward can no longer produce
+        the visual tokens itself (mmembed must splice them)."""
         raise NotImplementedError
 
-    def image_features(self, batch: dict[str, torch.Tensor]) -> list[torch.Tensor]:
-        """Per-image (N_k, d) tokens at the LLM width (built-in projector or connector), in batch order."""
+    def vision_tower(self) -> nn.Module:
+        """The model's own vision tower (what ``train.freeze: [vision]`` freezes)."""
         raise NotImplementedError
-
-    def image_items(self, batch: dict[str, torch.Tensor]) -> list[VisualItem]:
-        """Per-image tokens with their relative positions (see :mod:`mmembed.backbones.splice`)."""
-        raise NotImplementedError
-
-    def needs_splice(self, reducer: Any) -> bool:
-        """Whether the HF forward must be bypassed (the visual token count or positions change)."""
-        return reducer is not None or self.connector is not None
-
-    def spliced_inputs(self, batch: dict[str, torch.Tensor], reducer: Any = None) -> Spliced:
-        """The batch rebuilt around each image's (connector, then merged) tokens, with recomputed positions."""
-        items = self.image_items(batch)
-        if reducer is not None and getattr(reducer, "pre_llm", False):
-            merged = []
-            for item in items:
-                tokens, idx = reducer.reduce(item.tokens[None])  # (1, N', d), (1, N') survivors in order
-                merged.append(item.select(idx[0], tokens[0]))
-            items = merged
-        ids = batch["input_ids"]
-        pool = batch.get("pool_mask", batch["attention_mask"])
-        return splice_visual(self.embed(ids), ids, batch["attention_mask"], pool, items, self.image_token_id)
-
-    def forward_native(
-        self, batch: dict[str, torch.Tensor], all_layers: bool = False, reducer: Any = None, uniform: bool = False
-    ) -> tuple[torch.Tensor | tuple[torch.Tensor, ...], torch.Tensor, torch.Tensor]:
-        """A :class:`NativeProcessor` batch through the model.
-
-        Without a connector swap or reducer this is the HF model's own forward. Otherwise the visual tokens are
-        computed here (connector, then a pre-LLM merge), spliced with positions computed by mmembed, and run
-        through the language model, layer by layer with pruning when the reducer prunes inside the LLM (AIM).
-
-        Returns the last hidden state (B, L', d) (after the final norm), or every layer's output, and the
-        attention and pool masks (B, L') they align with (the batch's own unless the sequence was rebuilt;
-        pruned tokens are 0 in both). ``uniform``: on a text-only batch, run the visual path on one blank image
-        and add it times 0, so every rank and GradCache chunk runs the same modules (ZeRO-2/3 and DDP need it).
-        """
-        pixels = batch.get("pixel_values")
-        text_only = pixels is None or pixels.shape[0] == 0
-        if not text_only and self.needs_splice(reducer):
-            sp = self.spliced_inputs(batch, reducer)
-            pos = sp.position_ids if self.mrope else sp.position_ids[0]
-            if reducer is not None and getattr(reducer, "in_llm", False):
-                from mmembed.tokens.prune import pruned_forward
-
-                hidden, kept = pruned_forward(
-                    self.language_model(), sp.embeds, sp.attention_mask, pos, sp.visual, reducer, all_layers=all_layers
-                )
-                return hidden, sp.attention_mask * kept, sp.pool_mask * kept
-            return self.forward(sp.embeds, sp.attention_mask, pos, all_layers), sp.attention_mask, sp.pool_mask
-        kwargs = {k: batch[k] for k in self.model_keys if k in batch and batch[k] is not None}
-        if text_only:
-            kwargs.pop("pixel_values", None)
-        else:
-            kwargs["pixel_values"] = kwargs["pixel_values"].to(self.model_dtype())
-        out = self.model(**kwargs, output_hidden_states=all_layers, use_cache=False)
-        hidden = hidden_of(out, all_layers)
-        if uniform and text_only:
-            zero = 0.0 * self.blank_visual()
-            hidden = (*hidden[:-1], hidden[-1] + zero.to(hidden[-1].dtype)) if all_layers else hidden + zero
-        mask = batch["attention_mask"]
-        return hidden, mask, batch.get("pool_mask", mask)
-
-    def blank_visual(self) -> torch.Tensor:
-        """Sum of the visual path's output (tower + projector or connector) on one blank 64 px image (a scalar)."""
-        from PIL import Image
-
-        if getattr(self, "_blank", None) is None:
-            enc = self.hf_processor.image_processor(images=[Image.new("RGB", (64, 64))], return_tensors="pt")
-            self._blank = {k: v for k, v in enc.items() if k in ("pixel_values", "image_grid_thw", "image_sizes")}
-        device = next(self.base_model().parameters()).device
-        feats = self.image_features({k: v.to(device) for k, v in self._blank.items()})
-        return sum(f.sum() for f in feats)
 
     def add_placeholder(self, token: str) -> int:
         """Native models keep their own image token; mmembed's placeholder is rewritten by the processor."""
         return self.image_token_id
 
+    add_image_token = add_placeholder
+
+    # ------------------------------------------------------------------------------------------
+    # visual tokens and forward
+
+    def image_items(self, batch: dict[str, torch.Tensor], connector: nn.Module | None) -> list[VisualItem]:
+        """Per-image tokens with their relative positions (see :mod:`mmembed.backbones.splice`)."""
+        raise NotImplementedError
+
+    def image_features(self, batch: dict[str, torch.Tensor], connector: nn.Module | None) -> list[torch.Tensor]:
+        """Per-image (N_k, d) tokens at the LLM width (built-in projector or connector), in batch order."""
+        raise NotImplementedError
+
+    def blank_visual(self, connector: nn.Module | None) -> torch.Tensor:
+        """Sum of the visual path's output (tower + projector or connector) on one blank 64 px image (a scalar)."""
+        from PIL import Image
+
+        if self._blank is None:
+            enc = self.hf_processor.image_processor(images=[Image.new("RGB", (64, 64))], return_tensors="pt")
+            self._blank = {k: v for k, v in enc.items() if k in ("pixel_values", "image_grid_thw", "image_sizes")}
+        device = next(self.base_model().parameters()).device
+        feats = self.image_features({k: v.to(device) for k, v in self._blank.items()}, connector)
+        return sum(f.sum() for f in feats)
+
+    def forward(
+        self,
+        batch: dict[str, torch.Tensor],
+        visual: list[VisualItem] | None = None,
+        pruner: Any = None,
+        all_layers: bool = False,
+    ) -> tuple[torch.Tensor | tuple[torch.Tensor, ...], torch.Tensor, torch.Tensor]:
+        """Visual rows given: spliced by mmembed (base class). ``None``: the HF model's own forward on the batch
+        (vision tower inside when the batch has images)."""
+        if visual is not None:
+            return super().forward(batch, visual, pruner, all_layers)
+        kwargs = {k: batch[k] for k in self.model_keys if k in batch and batch[k] is not None}
+        if not has_pixels(batch):
+            kwargs.pop("pixel_values", None)
+        else:
+            kwargs["pixel_values"] = kwargs["pixel_values"].to(self.model_dtype())
+        out = self.model(**kwargs, output_hidden_states=all_layers, use_cache=False)
+        mask = batch["attention_mask"]
+        return hidden_of(out, all_layers), mask, batch.get("pool_mask", mask)
+
     def export(self, directory: Path) -> dict[str, Any]:
         """Write ``backbone/`` (the HF config) and ``processor/`` (tokenizer + image processor)."""
         return self._export_hf(directory, {"processor": self.hf_processor})
+
+
+class NativeVisual(VisualPath):
+    """A native VLM's visual path: its tower, then its projector or an mmembed ``connector``, then a ``merger``.
+
+    ``stock``: nothing changes the HF model's own visual tokens, so :meth:`__call__` gives ``None`` and the
+    backbone's HF forward embeds the images itself.
+    """
+
+    def __init__(self, backbone: NativeVLM, connector: nn.Module | None, merger: nn.Module | None, stock: bool):
+        self.backbone, self.connector, self.merger, self.stock = backbone, connector, merger, stock
+
+    @property
+    def tower(self) -> nn.Module:  # type: ignore[override]
+        return self.backbone.vision_tower()
+
+    def num_tokens(self) -> int:
+        return self.backbone.tokens_per_image()
+
+    def __call__(self, batch: dict[str, torch.Tensor]) -> list[VisualItem] | None:
+        if self.stock or not has_pixels(batch):
+            return None
+        items = self.backbone.image_items(batch, self.connector)
+        return merge_items(items, self.merger) if self.merger is not None else items
+
+    def blank(self) -> torch.Tensor:
+        return self.backbone.blank_visual(self.connector)
 
 
 def load_hf_processor(spec: str) -> Any:

@@ -2,8 +2,8 @@
 
 The HF base model (``Qwen2VLModel`` / ``Qwen2_5_VLModel``: ViT with 2x2 patch merger + Qwen2 LLM with M-RoPE,
 Qwen2-VL paper arXiv 2409.12191) runs its own forward on the ``Qwen2VLProcessor`` output; dynamic resolution is
-bounded by ``min_pixels`` / ``max_pixels`` (VLM2Vec-V2: 28*28*4 .. 28*28*1280, ANCHORS.md §1.8); one visual
-token covers 28x28 pixels. VLM2Vec pads Qwen on the left (ANCHORS.md §1.2).
+bounded by ``min_pixels`` / ``max_pixels`` (VLM2Vec-V2: 28*28*4 .. 28*28*1280, docs/mmeb.md §1.8); one visual
+token covers 28x28 pixels. VLM2Vec pads Qwen on the left (docs/data.md, "Layout").
 """
 
 from __future__ import annotations
@@ -14,9 +14,10 @@ import torch
 from torch import nn
 
 from mmembed.backbones.native import TINY_TEXT_CONFIG, NativeVLM, load_hf_processor, load_native
-from mmembed.backbones.splice import VisualItem, grid_positions, line_positions
-from mmembed.processing import InputError
 from mmembed.registry import BACKBONES
+from mmembed.tiny import build_tiny_tokenizer
+from mmembed.types import ConfigError, InputError
+from mmembed.visual import VisualItem, grid_positions, line_positions
 
 __all__ = [
     "Qwen2VL",
@@ -76,8 +77,6 @@ def build_tiny_qwen2vl_processor(min_pixels: int = 28 * 28 * 4, max_pixels: int 
     """An offline ``Qwen2VLProcessor``: mmembed's tiny tokenizer + the 4 Qwen vision tokens (ids 400-403)."""
     from transformers import Qwen2VLImageProcessor, Qwen2VLProcessor, Qwen2VLVideoProcessor
 
-    from mmembed.tiny import build_tiny_tokenizer
-
     tok = build_tiny_tokenizer()
     tok.add_tokens(QWEN_SPECIAL_TOKENS, special_tokens=True)
     image = Qwen2VLImageProcessor(min_pixels=min_pixels, max_pixels=max_pixels)
@@ -105,6 +104,8 @@ class Qwen2VL(NativeVLM):
     image_text = "<|vision_start|><|image_pad|><|vision_end|>"
     image_token = "<|image_pad|>"
     model_keys = ("input_ids", "attention_mask", "pixel_values", "image_grid_thw", "mm_token_type_ids")
+    image_keys = ("image_grid_thw",)
+    patch_grid_key = "image_grid_thw"
     example_args = [
         {"config": TINY_QWEN2VL_CONFIG, "processor": "tiny"},
         {"config": TINY_QWEN25VL_CONFIG, "processor": "tiny", "max_pixels": 28 * 28 * 8},
@@ -139,8 +140,6 @@ class Qwen2VL(NativeVLM):
 
     @staticmethod
     def check_config(args: dict[str, Any]) -> None:
-        from mmembed.config import ConfigError
-
         lo, hi = args.get("min_pixels"), args.get("max_pixels")
         for key, value in (("min_pixels", lo), ("max_pixels", hi)):
             if value is not None and (not isinstance(value, int) or value < 1):
@@ -163,11 +162,10 @@ class Qwen2VL(NativeVLM):
         width = visual.merger.ln_q.weight.shape[0]  # the ViT width (Qwen2-VL embed_dim, 2.5-VL hidden_size)
         return int(width) * int(visual.spatial_merge_size) ** 2
 
-    def _install_connector(self, connector: nn.Module) -> None:
+    def _install_connector(self, connector: nn.Module) -> bool:
         """The merger becomes a reshape to merge units; :meth:`image_features` applies ``connector`` per image on
-        its (h/m, w/m) unit grid, so its tokens keep Qwen's budget when it keeps the count (``mlp``)."""
-        from mmembed.config import ConfigError
-
+        its (h/m, w/m) unit grid, so its tokens keep Qwen's budget when it keeps the count (``mlp``). The HF forward
+        cannot call an mmembed connector, so mmembed always splices (True)."""
         if getattr(connector, "mode", None) == "exact":
             raise ConfigError(
                 "model.connector.mode",
@@ -176,14 +174,15 @@ class Qwen2VL(NativeVLM):
             )
         visual = self.base_model().visual
         visual.merger = _MergeUnits(int(visual.spatial_merge_size))
+        return True
 
-    def image_features(self, batch: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+    def image_features(self, batch: dict[str, torch.Tensor], connector: nn.Module | None) -> list[torch.Tensor]:
         """Per image (N_k, d): the merger's output, or the connector's on the image's merge-unit grid."""
         base = self.base_model()
         grid = batch["image_grid_thw"]
         pixels = batch["pixel_values"].to(self.model_dtype())
         feats = list(base.get_image_features(pixels, grid, return_dict=True).pooler_output)
-        conn = self.connector
+        conn = connector
         if conn is None:
             return feats
         m = int(base.visual.spatial_merge_size)
@@ -199,15 +198,15 @@ class Qwen2VL(NativeVLM):
                 out[i] = y[j]
         return out
 
-    def image_items(self, batch: dict[str, torch.Tensor]) -> list[VisualItem]:
+    def image_items(self, batch: dict[str, torch.Tensor], connector: nn.Module | None) -> list[VisualItem]:
         """Tokens with M-RoPE (t, h, w) ids on their grid: the merge-unit grid, the connector's output grid
         (``out_grid``), or a line when the connector's tokens form no grid (``visual_table``'s indicators)."""
         m = int(self.base_model().visual.spatial_merge_size)
         items = []
-        for f, (t, h, w) in zip(self.image_features(batch), batch["image_grid_thw"].tolist()):
+        for f, (t, h, w) in zip(self.image_features(batch, connector), batch["image_grid_thw"].tolist()):
             g = (t, h // m, w // m)
-            if self.connector is not None:
-                out = self.connector.out_grid(g[1:])
+            if connector is not None:
+                out = connector.out_grid(g[1:])
                 g = (1, *out) if out is not None and out[0] * out[1] == f.shape[0] else None
             if g is None:
                 items.append(VisualItem(f, line_positions(f.shape[0], f.device), f.shape[0]))

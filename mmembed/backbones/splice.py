@@ -1,9 +1,14 @@
-"""Rebuild a native VLM's input sequence when its visual tokens change (connector swap, merging, pruning).
+"""Splice the visual rows into a backbone's token sequence and number every position (the one splice of mmembed).
 
 The HF processor expands each image to the number of tokens the model's own projector gives. When mmembed
 replaces the projector with one of its connectors (a different count per image) or merges visual tokens before the
-LLM (AIM, ALGORITHMS.md §5a), each image's run of image tokens is replaced by the new tokens and every position id
-is recomputed, so the LLM never sees positions that disagree with its tokens (ALGORITHMS.md §8).
+LLM (AIM, docs/algorithms.md §5a), each image's run of image tokens is replaced by the new tokens and every position id
+is recomputed, so the LLM never sees positions that disagree with its tokens (docs/algorithms.md §8).
+
+One function serves every backbone. When each image keeps its token count and positions are 1-D (the composed
+model, whose processor expands each placeholder to the exact count, and LLaVA), the rows are written in one
+``masked_scatter`` and positions are ``cumsum(attention_mask) - 1``, so left and right padding give the same
+embedding. Otherwise each image run is replaced row by row.
 
 Positions follow Qwen2-VL's M-RoPE (arXiv 2409.12191 §2.1; HF ``Qwen2VLModel.get_rope_index``): a text token takes
 (p, p, p) with p the previous maximum + 1, an image's tokens take ``offset + (t, h, w)`` on their grid, and the next
@@ -17,36 +22,10 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["VisualItem", "Spliced", "image_runs", "grid_positions", "line_positions", "splice_visual"]
+from mmembed.types import InputError
+from mmembed.visual import VisualItem, line_positions
 
-
-@dataclass
-class VisualItem:
-    """One image's tokens for the LLM.
-
-    Attributes:
-        tokens: (N, d) embeddings at the LLM width.
-        pos: (3, N) long (t, h, w) positions relative to the image's first position.
-        span: positions the image occupies; the next text token sits at ``offset + span``.
-        index: (N,) long, each token's index among the image's tokens before merging (``None``: all, in order).
-        origin: token count before merging.
-    """
-
-    tokens: torch.Tensor
-    pos: torch.Tensor
-    span: int
-    index: torch.Tensor | None = None
-    origin: int = -1
-
-    def __post_init__(self) -> None:
-        if self.origin < 0:
-            self.origin = self.tokens.shape[0]
-
-    def select(self, idx: torch.Tensor, tokens: torch.Tensor) -> VisualItem:
-        """Survivors ``idx`` (N',) of a merge with their merged ``tokens`` (N', d); positions and span kept."""
-        idx = idx.to(self.pos.device)
-        index = idx if self.index is None else self.index[idx]
-        return VisualItem(tokens, self.pos[:, idx], self.span, index, self.origin)
+__all__ = ["Spliced", "image_runs", "splice_visual"]
 
 
 @dataclass
@@ -73,40 +52,38 @@ def image_runs(input_ids: torch.Tensor, image_token_id: int) -> list[tuple[int, 
     return [(b, s, e) for (b, s), (_, e) in zip(starts, stops)]  # nonzero is row-major: runs pair up in order
 
 
-def grid_positions(t: int, h: int, w: int, device: torch.device | None = None) -> torch.Tensor:
-    """(3, t*h*w) positions (t, h, w) of a grid in raster order."""
-    ti = torch.arange(t, device=device).view(-1, 1, 1).expand(t, h, w)
-    hi = torch.arange(h, device=device).view(1, -1, 1).expand(t, h, w)
-    wi = torch.arange(w, device=device).view(1, 1, -1).expand(t, h, w)
-    return torch.stack([ti.flatten(), hi.flatten(), wi.flatten()])
-
-
-def line_positions(n: int, device: torch.device | None = None) -> torch.Tensor:
-    """(3, n) positions of n tokens in a line (1-D RoPE, or visual tokens without a grid)."""
-    return torch.arange(n, device=device).expand(3, n)
-
-
 def splice_visual(
     embeds: torch.Tensor,
     input_ids: torch.Tensor,
     attention_mask: torch.Tensor,
     pool_mask: torch.Tensor,
-    items: list[VisualItem],
+    items: list[VisualItem] | None,
     image_token_id: int,
+    mrope: bool = False,
 ) -> Spliced:
-    """Replace each image-token run of the batch by its :class:`VisualItem` and recompute all positions.
+    """Write each image's :class:`VisualItem` at its image-token positions and number every position.
 
     Args:
         embeds: (B, L, d) token embeddings of ``input_ids`` (B, L).
         attention_mask, pool_mask: (B, L).
-        items: one per image run, in batch order.
+        items: one per image, in batch order (``None``: a text-only batch).
+        image_token_id: the placeholder id the processor wrote for each visual token.
+        mrope: the backbone reads (3, B, L) M-RoPE positions (Qwen2-VL); else (B, L) positions suffice.
 
-    The padding side is kept (left when every row's last column is real). Rows are handled one at a time (a loop
-    over rows and images, never over tokens).
+    The padding side is kept (left when every row's last column is real). The general path loops over rows and
+    images, never over tokens.
     """
+    items = items or []
+    slots = input_ids == image_token_id  # (B, L)
+    if not mrope and int(slots.sum()) == sum(int(it.tokens.shape[0]) for it in items):
+        return _splice_in_place(embeds, slots, attention_mask, pool_mask, items)
     runs = image_runs(input_ids, image_token_id)
     if len(runs) != len(items):
-        raise ValueError(f"{len(runs)} image token runs in the batch but {len(items)} images")
+        per_row = slots.sum(dim=1).tolist()
+        raise InputError(
+            f"{len(runs)} image token runs ({sum(per_row)} image tokens, per row {per_row}) in the batch but "
+            f"{len(items)} images with {sum(int(it.tokens.shape[0]) for it in items)} visual tokens"
+        )
     device = embeds.device
     bsz = embeds.shape[0]
     by_row: list[list[tuple[int, int, VisualItem]]] = [[] for _ in range(bsz)]
@@ -129,6 +106,25 @@ def splice_visual(
         sl = slice(new_len - n, new_len) if left else slice(0, n)
         out[b, sl], mask[b, sl], pool[b, sl], pos[:, b, sl], visual[b, sl], source[b, sl] = e, 1, pl, p, vis, src
     return Spliced(out, mask, pool, pos, visual, source)
+
+
+def _splice_in_place(
+    embeds: torch.Tensor,
+    slots: torch.Tensor,
+    attention_mask: torch.Tensor,
+    pool_mask: torch.Tensor,
+    items: list[VisualItem],
+) -> Spliced:
+    """Every image keeps its count (``slots`` (B, L) marks one column per visual token): one ``masked_scatter``
+    (LLaVA's ``tokenizer_image_token`` splice), 1-D positions ``cumsum(mask) - 1`` (docs/algorithms.md §8), the
+    sequence length unchanged."""
+    if items:
+        feats = torch.cat([it.tokens for it in items]).to(embeds.dtype)
+        embeds = embeds.masked_scatter(slots.unsqueeze(-1), feats)
+    pos = (attention_mask.cumsum(dim=-1) - 1).clamp_min(0)  # after splicing: pad-side independent
+    source = torch.arange(slots.shape[1], device=slots.device).expand_as(slots)
+    source = torch.where(attention_mask.bool(), source, torch.full_like(source, -1))
+    return Spliced(embeds, attention_mask, pool_mask, pos.expand(3, *pos.shape), slots, source)
 
 
 def _row(

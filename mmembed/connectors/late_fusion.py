@@ -1,7 +1,7 @@
 """NoteLLM-2 late fusion: a gate mixing the pooled text-side vector with a projected global image feature.
 
 Zhang et al., "NoteLLM-2: Multimodal Large Representation Models for Recommendation", KDD 2025, arXiv 2405.16789;
-Applied-Machine-Learning-Lab/NoteLLM ``code/model/Gate.py``. ALGORITHMS.md §4.
+Applied-Machine-Learning-Lab/NoteLLM ``code/model/Gate.py``. docs/algorithms.md §4.
 
 ``v = W_lf g`` (g: the image's CLS/global feature, no bias), ``z = sigmoid(W_g [n; v])`` (no bias, Xavier-normal),
 ``n~ = z * v + (1 - z) * n``. Rows without an image pass ``n`` through unchanged. The same gate is applied to the
@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from mmembed.registry import FUSIONS
+from mmembed.types import ConfigError
 
 __all__ = ["LateFusion"]
 
@@ -43,8 +44,6 @@ class LateFusion(nn.Module):
 
     @staticmethod
     def check_config(args: dict) -> None:
-        from mmembed.config import ConfigError
-
         w = args.get("micl_weight", 0.1)
         if isinstance(w, bool) or not isinstance(w, (int, float)) or not 0.0 <= float(w) < 1.0:
             raise ConfigError("micl_weight", f"must be in [0, 1), got {w!r}")

@@ -1,7 +1,7 @@
 """LLaVA-1.5 MLP projector (``mlp{depth}x_gelu``).
 
 Liu et al., "Improved Baselines with Visual Instruction Tuning" (LLaVA-1.5), arXiv 2310.03744;
-haotian-liu/LLaVA ``llava/model/multimodal_projector/builder.py``. ALGORITHMS.md §1.
+haotian-liu/LLaVA ``llava/model/multimodal_projector/builder.py``. docs/algorithms.md §1.
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ from torch import nn
 
 from mmembed.connectors.base import Connector
 from mmembed.registry import CONNECTORS
+from mmembed.types import ConfigError
 
 __all__ = ["MLPConnector"]
 
@@ -43,8 +44,6 @@ class MLPConnector(Connector):
 
     @staticmethod
     def check_config(args: dict) -> None:
-        from mmembed.config import ConfigError
-
         if int(args.get("depth", 2)) < 1:
             raise ConfigError("depth", f"must be >= 1, got {args.get('depth')}")
 

@@ -1,7 +1,7 @@
 """InfMLLM pool-adapter: average-pool the patch grid to p x p, then project (position kept, raster order).
 
 Zhou et al., "InfMLLM: A Unified Framework for Visual-Language Tasks", arXiv 2311.06791;
-mightyzau/InfMLLM ``infmllm/models/pooler.py``. ALGORITHMS.md §2.
+mightyzau/InfMLLM ``infmllm/models/pooler.py``. docs/algorithms.md §2.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from torch import nn
 
 from mmembed.connectors.base import Connector
 from mmembed.registry import CONNECTORS
+from mmembed.types import ConfigError
 
 __all__ = ["PoolAdapter", "pool_grid"]
 
@@ -63,8 +64,6 @@ class PoolAdapter(Connector):
 
     @staticmethod
     def check_config(args: dict[str, Any]) -> None:
-        from mmembed.config import ConfigError
-
         mode = args.get("mode", "exact")
         if mode not in _MODES:
             raise ConfigError("mode", f"got {mode!r}; allowed: {', '.join(_MODES)}")
@@ -74,8 +73,6 @@ class PoolAdapter(Connector):
 
     def check_grid(self, grid: tuple[int, int]) -> None:
         """Raise :class:`ConfigError` naming ``model.connector.pool_size`` if p does not fit ``grid``."""
-        from mmembed.config import ConfigError
-
         h, w = grid
         if self.mode == "exact" and (h % self.pool_size or w % self.pool_size):
             ok = [p for p in range(1, min(h, w) + 1) if h % p == 0 and w % p == 0]

@@ -1,7 +1,7 @@
 """Ovis visual embedding table: probabilities over a visual vocabulary, embedding = probability-weighted rows.
 
 Lu et al., "Ovis: Structural Embedding Alignment for Multimodal Large Language Model", arXiv 2405.20797;
-AIDC-AI/Ovis ``ovis/model/visual_tokenizer/base_visual_tokenizer.py`` and ``modeling_ovis.py``. ALGORITHMS.md §3.
+AIDC-AI/Ovis ``ovis/model/visual_tokenizer/base_visual_tokenizer.py`` and ``modeling_ovis.py``. docs/algorithms.md §3.
 
 Per patch r_i: ``logits_i = LayerNorm(W r_i)`` (W without bias, LayerNorm over the K - 2 atom ids),
 ``p_i = softmax(logits_i)`` in fp32 (or hard Gumbel-softmax / straight-through argmax), ``v_i = p_i^T E`` with
@@ -23,6 +23,7 @@ from torch import nn
 
 from mmembed.connectors.base import Connector
 from mmembed.registry import CONNECTORS
+from mmembed.types import ConfigError
 
 __all__ = ["VisualTable", "space_to_depth"]
 
@@ -85,8 +86,6 @@ class VisualTable(Connector):
 
     @staticmethod
     def check_config(args: dict[str, Any]) -> None:
-        from mmembed.config import ConfigError
-
         if args.get("tokenize", "softmax") not in _TOKENIZE:
             raise ConfigError("tokenize", f"got {args.get('tokenize')!r}; allowed: {', '.join(_TOKENIZE)}")
         k = args.get("vocab_size", 8192)

@@ -10,7 +10,7 @@ Nothing here imports the model: the collator is handed the model's processor (``
 - ``build_eval_sets(cfg.data, placeholder)`` / ``read_eval_set(path)`` -> ``{name: [EvalExample]}``;
 - ``python -m mmembed.data.synthetic --out DIR``: the demo set; ``tools/convert_to_wds.py``: shards.
 
-See data/README.md for the formats, the manifest and the bad-sample rules.
+See docs/data.md for the formats, the manifest and the bad-sample rules.
 """
 
 from __future__ import annotations

@@ -22,6 +22,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from mmembed.config import ConfigError
 from mmembed.data.collate import Collator, sample_length
 from mmembed.data.dataset import SampleDataset, read_eval_set
 from mmembed.data.formats import EvalExample
@@ -97,8 +98,6 @@ def build_train_loader(
     workers = int(_get(cfg, "num_workers", 0))
     if is_shard_spec(train):
         if _get(cfg, "homogeneous", False):
-            from mmembed.config import ConfigError
-
             # a shard stream interleaves its datasets sample by sample; one dataset per batch needs the manifest
             raise ConfigError(
                 "data.homogeneous",

@@ -1,7 +1,7 @@
 """Samples -> model inputs: queries in one batch, targets (positives + hard negatives) in another.
 
 Targets are grouped per query: ``[pos_0, neg_0_1 .. neg_0_k, pos_1, neg_1_1 .. neg_1_k, ...]`` so
-target row ``j * (k + 1)`` is the positive of query ``j`` (the loss contract in ARCHITECTURE.md §3).
+target row ``j * (k + 1)`` is the positive of query ``j`` (the loss contract in docs/architecture.md §3).
 Every query gets exactly ``k = num_negatives`` hard negatives:
 
 - more than k: the first k are used;

@@ -1,4 +1,4 @@
-"""Row formats -> :class:`Sample` / :class:`EvalExample` (ANCHORS.md §1.3-1.4).
+"""Row formats -> :class:`Sample` / :class:`EvalExample` (docs/mmeb.md §1.3-1.4).
 
 Formats (detected from the column names, or named explicitly):
 
@@ -8,7 +8,7 @@ Formats (detected from the column names, or named explicitly):
   (one negative) or a list.
 - ``mmeb_eval``: ``qry_text, qry_img_path, tgt_text[list], tgt_img_path[list]``, positive first.
 - ``mmeb_eval_instruct``: the same plus ``qry_inst`` and ``tgt_inst``.
-- ``pairs``: mmembed's own JSONL (data/README.md): ``{"query": SIDE, "positive": SIDE,
+- ``pairs``: mmembed's own JSONL (docs/data.md): ``{"query": SIDE, "positive": SIDE,
   "negatives": [SIDE, ...], "dataset"?: str}`` where SIDE is a string (text only) or
   ``{"text"?: str, "image"?: str, "images"?: [str], "instruction"?: str}``.
 

@@ -2,7 +2,7 @@
 concatenated along channels before the connector.
 
 Lin et al., "SPHINX: The Joint Mixing of Weights, Tasks, and Visual Embeddings for Multi-modal LLMs",
-arXiv 2311.07575; Alpha-VLLM/LLaMA2-Accessory ``accessory/model/LLM/llama_ens*.py``. ARCHITECTURE.md §3.
+arXiv 2311.07575; Alpha-VLLM/LLaMA2-Accessory ``accessory/model/LLM/llama_ens*.py``. docs/architecture.md §3.
 
 Preprocessing (one shared transform, per-encoder adaptation on the tensor): the processor produces a single
 pixel tensor at the largest encoder size with mean 0 / std 1 (pixels in [0, 1]); each encoder then resizes it
@@ -20,7 +20,8 @@ from torch import nn
 
 from mmembed.encoders.base import VisionEncoder
 from mmembed.images import ImageTransform
-from mmembed.registry import VISION
+from mmembed.registry import VISION, instantiate
+from mmembed.types import ConfigError
 
 __all__ = ["MultiEncoder", "resample_grid"]
 
@@ -58,9 +59,6 @@ class MultiEncoder(VisionEncoder):
 
     def __init__(self, encoders: list[dict[str, Any]], grid: list[int] | None = None) -> None:
         super().__init__()
-        from mmembed.build import instantiate
-        from mmembed.config import ConfigError
-
         self.check_config({"encoders": encoders, "grid": grid}, prefix="model.vision.")
         self.encoders = nn.ModuleList([instantiate(VISION, dict(spec)) for spec in encoders])
         grids = [tuple(e.grid()) for e in self.encoders]
@@ -81,8 +79,6 @@ class MultiEncoder(VisionEncoder):
 
     @staticmethod
     def check_config(args: dict[str, Any], prefix: str = "") -> None:
-        from mmembed.config import ConfigError
-
         specs = args.get("encoders")
         key = f"{prefix}encoders"
         if not isinstance(specs, (list, tuple)) or len(specs) < 2:

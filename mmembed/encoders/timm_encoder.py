@@ -25,7 +25,7 @@ class TimmEncoder(VisionEncoder):
         pretrained: load timm's pretrained weights (downloads; off for offline builds).
         image_size: input side in pixels; defaults to the model's own.
         layer: which block's output to use; ``-1`` is the final (normed) features, ``-2`` the
-            penultimate block as LLaVA uses (ALGORITHMS.md §1).
+            penultimate block as LLaVA uses (docs/algorithms.md §1).
         model_kwargs: extra ``timm.create_model`` arguments (e.g. ``depth``, ``embed_dim``).
         checkpoint_path: optional local weights file for timm to load (safetensors preferred).
     """

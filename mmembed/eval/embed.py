@@ -27,8 +27,10 @@ from typing import Any
 import numpy as np
 
 from mmembed import dist
+from mmembed.data.dataset import decode_side
 from mmembed.data.formats import EvalExample
 from mmembed.data.sample import Side
+from mmembed.data.skips import BadSample
 
 __all__ = ["side_key", "Plan", "plan_dataset", "EmbeddingCache", "encode_plan", "dir_fingerprint", "model_fingerprint"]
 
@@ -238,8 +240,6 @@ class _Decode:
         return len(self.sides)
 
     def __getitem__(self, i: int) -> tuple[Side | None, str | None]:
-        from mmembed.data.dataset import decode_side
-        from mmembed.data.skips import BadSample
 
         try:
             if self.max_pixels is None:

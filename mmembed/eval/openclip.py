@@ -1,4 +1,4 @@
-"""open_clip baselines scored by the same protocol (ANCHORS.md §1.11: CLIP 37.8, OpenCLIP 39.7 on MMEB-V1).
+"""open_clip baselines scored by the same protocol (docs/mmeb.md §1.11: CLIP 37.8, OpenCLIP 39.7 on MMEB-V1).
 
 :class:`OpenClipEncoder` gives any ``open_clip`` model mmembed's ``encode`` interface:
 
@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from mmembed.data.sample import ImageRef
+from mmembed.images import load_image
 
 __all__ = ["OpenClipEncoder", "load_openclip", "PREFIX"]
 
@@ -80,7 +81,6 @@ class OpenClipEncoder:
         convert_to: str = "numpy",
     ) -> np.ndarray | torch.Tensor:
         """(N, D) float32 unit vectors for aligned ``texts``/``images`` rows (see the module doc)."""
-        from mmembed.images import load_image
 
         n = len(texts) if texts is not None else len(images or [])
         texts = list(texts) if texts is not None else [None] * n

@@ -1,7 +1,7 @@
 """MMEB protocol: each query is ranked against its own candidate list, the positive at index 0;
 the score is hit@1 (Precision@1) per dataset, the unweighted mean over the datasets of each
 meta-task (CLS, VQA, RET, VG), over IND and OOD datasets, and over all datasets ("overall").
-Sources: VLM2Vec paper (arXiv 2410.05160) §4 and ``eval.py`` of TIGER-AI-Lab/VLM2Vec; ANCHORS.md §1.5.
+Sources: VLM2Vec paper (arXiv 2410.05160) §4 and ``eval.py`` of TIGER-AI-Lab/VLM2Vec; docs/mmeb.md §1.5.
 
 Also reported per dataset: hit@k, recall@k, MRR and NDCG@k (linear gain, MMEB-V2's ``ndcg_linear``)
 over the same per-query list, and, for datasets named in ``corpus``, the same metrics with each query
@@ -24,13 +24,14 @@ from typing import Any
 
 import numpy as np
 
+from mmembed import dist
 from mmembed.data.formats import EvalExample
 from mmembed.data.skips import BadSample
 from mmembed.eval.embed import EmbeddingCache, Plan, encode_plan, plan_dataset, side_key
 from mmembed.eval.metrics import TIE_TOL, ranking_metrics
 from mmembed.eval.tasks import META_TASKS, task_info
 from mmembed.images import ImageError
-from mmembed.processing import InputError
+from mmembed.types import InputError
 
 __all__ = ["evaluate", "hit_at_1", "side_key", "score_plan", "aggregate", "select_metric"]
 
@@ -213,8 +214,6 @@ def evaluate(
         for k, v in stats.items():
             out["encode"][k] = out["encode"].get(k, 0) + v
         if plan.unreadable_rows is not None and plan.unreadable_rows.any():
-            from mmembed import dist
-
             dist.print0(
                 f"warning: eval set '{name}': {int(plan.unreadable_rows.sum())} row(s) with an unreadable image, "
                 f"scored as misses; first: {plan.unreadable_example}",
@@ -227,8 +226,6 @@ def evaluate(
         d.update(meta_task=info["meta_task"], split=info["split"])
         out["datasets"][name] = d
         if show_progress_bar:
-            from mmembed import dist
-
             dist.print0(f"{name}: hit@1 {d['hit@1']:.4f} (n={d['n']}, missing images {d['missing_images']})")
     out.update(aggregate(out["datasets"]))
     out["mean_hit@1"] = out["overall"]

@@ -18,12 +18,12 @@ from pathlib import Path
 from typing import Any
 
 from mmembed.eval.tasks import META_TASKS
+from mmembed.io import library_versions
 
 __all__ = ["write_scores", "scores_markdown", "examples_html"]
 
 
 def _versions() -> dict[str, str]:
-    from mmembed.io import library_versions
 
     return library_versions()
 

@@ -14,11 +14,15 @@ from collections.abc import Collection, Sequence
 from pathlib import Path
 from typing import Any
 
+import mmembed
 from mmembed import dist
+from mmembed.data.dataset import read_eval_set
 from mmembed.data.formats import EvalExample
+from mmembed.data.skips import SkipCounter
 from mmembed.eval.embed import EmbeddingCache, dir_fingerprint, model_fingerprint
 from mmembed.eval.openclip import PREFIX, load_openclip
 from mmembed.eval.protocol import evaluate, select_metric
+from mmembed.eval.report import write_scores
 from mmembed.eval.tasks import read_task_meta
 
 __all__ = ["load_eval_model", "load_eval_sets", "run_eval", "eval_in_training", "placeholder_of"]
@@ -38,7 +42,6 @@ def load_eval_model(
     if s.startswith(PREFIX):
         model = load_openclip(s, device=device)
         return model, model.fingerprint
-    import mmembed
 
     model = mmembed.load(s, device=device, trust_remote_code=trust_remote_code)
     return model, dir_fingerprint(s)
@@ -60,8 +63,6 @@ def load_eval_sets(
         strict: a malformed row (no candidates, mistyped field) raises a ValueError naming the file
             and row; with False it is skipped and counted (the training loop's tolerant mode).
     """
-    from mmembed.data.dataset import read_eval_set
-    from mmembed.data.skips import SkipCounter
 
     counter = SkipCounter(strict=strict)
     sets = read_eval_set(
@@ -132,8 +133,6 @@ def run_eval(
         scores["seconds"] = round(time.perf_counter() - t0, 3)
         scores["world_size"] = dist.get_world_size()
         if dist.is_main_process():
-            from mmembed.eval.report import write_scores
-
             write_scores(scores, out, model=str(model_spec), model_fingerprint=fp, data=str(data))
         dist.barrier()
         return scores

@@ -1,4 +1,4 @@
-"""MMEB-V1 task table: dataset -> meta-task and IND/OOD split (ANCHORS.md §1.4-1.5).
+"""MMEB-V1 task table: dataset -> meta-task and IND/OOD split (docs/mmeb.md §1.4-1.5).
 
 MMEB-V1 (Jiang et al., "VLM2Vec", arXiv 2410.05160, Table 1) has 36 datasets in 4 meta-tasks
 (classification 10, VQA 10, retrieval 12, visual grounding 4). The 20 datasets of MMEB-train are

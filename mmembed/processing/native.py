@@ -1,32 +1,28 @@
-"""The processor of native VLM backbones: :class:`~mmembed.data.sample.Side` rows -> the HF processor's batch.
+"""The processor of native VLM backbones: :class:`~mmembed.types.Side` rows -> the HF processor's batch.
 
-Rows are laid out as VLM2Vec does (``<image tokens> instruction text``, ANCHORS.md §1.3) and handed to the model's
+Rows are laid out as VLM2Vec does (``<image tokens> instruction text``, docs/data.md) and handed to the model's
 own transformers processor, which resizes images and expands each image text to its visual tokens. Text is
 truncated to the budget *before* that expansion, on the text pieces between images only, and the instruction
 span is recorded so mean pooling can leave it out, both as the composed model's
-:class:`~mmembed.processing.Processor` does.
+:class:`~mmembed.processing.Processor` does (the shared parts live in :mod:`mmembed.processing.base`).
 """
 
 from __future__ import annotations
 
-import logging
-import os
 from collections.abc import Sequence
 from typing import Any
 
 import torch
 
-from mmembed.data.sample import Side
-from mmembed.images import DEFAULT_MAX_PIXELS, ImageError, load_image
-from mmembed.processing import InputError, layout_side
+from mmembed.images import DEFAULT_MAX_PIXELS
+from mmembed.processing.base import BaseProcessor, keep_counts
+from mmembed.types import InputError, Side
 
 __all__ = ["NativeProcessor"]
 
-log = logging.getLogger(__name__)
 
-
-class NativeProcessor:
-    """:class:`~mmembed.data.sample.Side` rows -> the HF processor's batch for a native VLM.
+class NativeProcessor(BaseProcessor):
+    """:class:`~mmembed.types.Side` rows -> the HF processor's batch for a native VLM.
 
     Each mmembed placeholder (``<image>``) becomes the model's own image text (``image_text``: Qwen2-VL's
     ``<|vision_start|><|image_pad|><|vision_end|>``, LLaVA's ``<image>``); the HF processor then expands it to
@@ -45,6 +41,8 @@ class NativeProcessor:
         max_length: text-token budget per row, counting the BOS the tokenizer adds and the EOS; image tokens and
             the image text's own markup (Qwen's ``<|vision_start|>`` / ``<|vision_end|>``) come on top and are
             never cut. Longer texts lose their end (one warning per processor), as in the composed processor.
+        image_keys: per-image tensors of the batch besides ``pixel_values`` (``image_grid_thw``, ``image_sizes``).
+        patch_grid_key: the (N_img, 3) key giving each image's flattened-patch rows (Qwen2-VL's ``image_grid_thw``).
     """
 
     transform = None  # no mmembed image transform: the HF image processor resizes and normalizes
@@ -61,8 +59,11 @@ class NativeProcessor:
         max_pixels: int = DEFAULT_MAX_PIXELS,
         max_images: int = 8,
         max_length: int = 512,
+        image_keys: tuple[str, ...] = (),
+        patch_grid_key: str | None = None,
     ) -> None:
         self.hf_processor = hf_processor
+        self.image_keys, self.patch_grid_key = tuple(image_keys), patch_grid_key
         self.tokenizer = tok = hf_processor.tokenizer
         self.image_text = image_text
         self.placeholder = placeholder
@@ -84,29 +85,17 @@ class NativeProcessor:
         # leading image block from the instruction in the HF processor's output.
         markup = tok(image_text, add_special_tokens=False)["input_ids"]
         self.n_markup = sum(1 for t in markup if t != self.placeholder_id)
-        self._warned_truncation = False
 
-    def length(self, side: Side) -> int:
-        """Cheap length estimate in tokens (for grouping by length; no tokenization)."""
-        chars = len(side.text or "") + len(side.instruction or "")
-        return chars // 3 + len(side.images) * self.image_tokens + 1
-
-    def _layout(self, side: Side, row: Any) -> tuple[int, int, list[str]]:
-        """(leading images, instruction length in characters, text chunks between the other images)."""
-        lead, instruction, rest = layout_side(side, row, self.placeholder, self.max_images)
+    def check_row(self, side: Side, row: Any, rest: str) -> None:
         if self.image_text != self.placeholder and self.image_text in rest:
             raise InputError(f"row {row}: the text contains the model's own image text {self.image_text!r}")
-        chunks = rest.split(self.placeholder)
-        if instruction:
-            chunks[0] = instruction + (" " + chunks[0] if chunks[0] else "")
-        return lead, len(instruction), chunks
 
     def _join(self, lead: int, chunks: Sequence[str]) -> str:
         return self.image_text * lead + self.image_text.join(chunks) + self.suffix
 
     def text(self, side: Side, row: Any) -> str:
         """The HF processor's text for one row (untruncated): leading images, then ``instruction text``."""
-        lead, _, chunks = self._layout(side, row)
+        lead, _, chunks = self.layout(side, row)
         return self._join(lead, chunks)
 
     def texts(self, sides: Sequence[Side], rows: Sequence[Any]) -> tuple[list[str], torch.Tensor, torch.Tensor]:
@@ -117,7 +106,7 @@ class NativeProcessor:
         row loses tokens from its end, chunk by chunk, by cutting the chunk *strings* at token boundaries (no
         decode round trip), so the image texts between chunks, and thus the HF processor's image runs, stay whole.
         """
-        layouts = [self._layout(s, r) for s, r in zip(sides, rows)]
+        layouts = [self.layout(s, r) for s, r in zip(sides, rows)]
         strings = [c for _, _, chunks in layouts for c in chunks]
         enc = self.tokenizer(strings, add_special_tokens=False, return_offsets_mapping=True)
         encoded, offsets = enc["input_ids"], enc["offset_mapping"]
@@ -128,32 +117,16 @@ class NativeProcessor:
             spans = offsets[pos : pos + len(chunks)]
             pos += len(chunks)
             instr = sum(1 for start, _ in spans[0] if start < instr_chars) if instr_chars else 0
-            excess = sum(counts) - budget
-            if excess > 0:
-                if not self._warned_truncation:
-                    log.warning("row %s: text longer than max_length=%d tokens; truncating", row, self.max_length)
-                    self._warned_truncation = True
-                for j in reversed(range(len(chunks))):
-                    keep = max(counts[j] - excess, 0)
-                    excess -= counts[j] - keep
-                    chunks[j], counts[j] = _cut(chunks[j], spans[j], keep), keep
-                    if excess <= 0:
-                        break
+            keep = keep_counts(counts, budget)
+            if keep is not None:
+                self.warn_truncation(row)
+                for j, k in enumerate(keep):
+                    if k < counts[j]:
+                        chunks[j], counts[j] = _cut(chunks[j], spans[j], k), k
             texts.append(self._join(lead, chunks))
             leads.append(lead)
             n_instr.append(min(instr, counts[0]))
         return texts, torch.tensor(leads, dtype=torch.long), torch.tensor(n_instr, dtype=torch.long)
-
-    def load_images(self, sides: Sequence[Side], rows: Sequence[Any]) -> list[Any]:
-        out = []
-        for side, row in zip(sides, rows):
-            for img in side.images:
-                shown = img if isinstance(img, (str, os.PathLike)) else f"<{type(img).__name__}>"
-                try:
-                    out.append(load_image(img, self.max_pixels, name=f"row {row}: image {shown}"))
-                except ImageError as e:
-                    raise InputError(str(e)) from None
-        return out
 
     def pool_mask(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, leads: torch.Tensor, n_instr: torch.Tensor
@@ -183,7 +156,7 @@ class NativeProcessor:
         """
         rows = list(rows) if rows is not None else list(range(len(sides)))
         texts, leads, n_instr = self.texts(sides, rows)
-        images = self.load_images(sides, rows)
+        images = self.decode_images(sides, rows)
         enc = self.hf_processor(
             text=texts,
             images=images or None,

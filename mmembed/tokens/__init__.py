@@ -1,10 +1,11 @@
-"""Token reduction before and inside the LLM (ALGORITHMS.md §5): ``merge``, ``prune`` and ``aim`` (both).
-
-A reducer says where it acts with ``pre_llm`` (``forward(tokens (N_img, N, d)) -> (N_img, num_tokens(N), d)``,
-applied per image after the connector) and ``in_llm`` (a per-layer keep schedule run by the backbone's
-layer loop, :func:`mmembed.tokens.prune.pruned_forward`).
+"""Token reduction (docs/algorithms.md §5), two contracts: a :class:`Merger` acts before the LLM (fewer visual
+tokens per image, ``model.merge``), a :class:`Pruner` inside it (a per-layer keep schedule run by
+:func:`pruned_forward`, ``model.prune``). AIM is both: ``merge: {type: aim}`` + ``prune: {type: aim}``.
 """
 
 from __future__ import annotations
 
-from mmembed.tokens import aim, merge, prune  # noqa: F401  (registration)
+from mmembed.tokens.merge import AIMMerger, Merger
+from mmembed.tokens.prune import AIMPruner, Pruner, pruned_forward
+
+__all__ = ["Merger", "Pruner", "AIMMerger", "AIMPruner", "pruned_forward"]

@@ -2,14 +2,14 @@
 
 Zhong et al., "AIM: Adaptive Inference of Multi-Modal LLMs via Token Merging and Pruning", ICCV 2025,
 arXiv 2412.03248; LaVi-Lab/AIM ``llava/model/token_merge.py``. Bolya et al., "Token Merging" (ToMe),
-arXiv 2210.09461. ALGORITHMS.md §5a.
+arXiv 2210.09461. docs/algorithms.md §5a.
 
 One step, on x (n, t, c): cosine similarity between even-index sources A and odd-index destinations B;
 each source's best destination; the ``r`` most similar sources are averaged into their destination
 (unweighted mean, ``scatter_reduce(mean, include_self=True)``), the rest kept. Steps repeat with
 ``r <= t // 2`` until ``round(keep_ratio * N)`` tokens remain, so the output count depends only on N.
 Unlike the reference (which emits ``[A_unmerged; B]``), the survivors are put back in their original
-(raster) order; :meth:`MergeReducer.reduce` also returns each survivor's original index.
+(raster) order; :meth:`Merger.reduce` also returns each survivor's original index.
 """
 
 from __future__ import annotations
@@ -20,9 +20,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mmembed.registry import REDUCERS
+from mmembed.registry import MERGERS
+from mmembed.types import ConfigError
 
-__all__ = ["MergeReducer", "merge_step", "merge_tokens", "merged_count"]
+__all__ = ["Merger", "AIMMerger", "merge_step", "merge_tokens", "merged_count"]
 
 
 def merged_count(n: int, keep_ratio: float) -> int:
@@ -62,34 +63,45 @@ def merge_tokens(x: torch.Tensor, keep_ratio: float) -> tuple[torch.Tensor, torc
     return x, pos
 
 
-@REDUCERS.register("merge")
-class MergeReducer(nn.Module):
-    """Merge each image's tokens after the connector to ``keep_ratio`` of their count (AIM default 0.25).
+class Merger(nn.Module):
+    """The merging contract: fewer visual tokens per image, before the LLM (after the connector).
 
-    ``forward(tokens (N_img, N, d)) -> (N_img, num_tokens(N), d)``. Positions: :meth:`reduce` returns the
-    original index (within the image's token run) of each survivor, for backbones with 2-D/M-RoPE. In the
-    composed ``hf_causal_lm`` model positions are ``cumsum(attention_mask) - 1`` over the spliced sequence, so
-    the survivors (kept in raster order) simply take consecutive 1-D positions, like any shorter image run.
+    ``reduce(tokens (N_img, N, d)) -> (merged (N_img, N', d), index (N_img, N'))`` with each survivor's original
+    index (in raster order), which backbones with 2-D / M-RoPE positions need; ``num_tokens(N) -> N'`` depends on
+    N only, so the processor can expand each image placeholder before anything runs.
+    """
+
+    def num_tokens(self, n: int) -> int:
+        raise NotImplementedError
+
+    def reduce(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        raise NotImplementedError
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.reduce(tokens)[0]
+
+
+@MERGERS.register("aim")
+class AIMMerger(Merger):
+    """AIM's merging: each image's tokens to ``keep_ratio`` of their count (AIM default 0.25).
+
+    In the composed ``hf_causal_lm`` model positions are numbered over the spliced sequence, so the survivors (kept
+    in raster order) take consecutive 1-D positions, like any shorter image run; Qwen2-VL's survivors keep the
+    M-RoPE (t, h, w) of their original cell.
 
     Args:
-        dim: LLM width (injected, unused).
-        num_layers: LLM depth (injected, unused).
         keep_ratio: fraction of tokens kept, in (0, 1].
     """
 
-    pre_llm = True
-    in_llm = False
     example_args = [{}, {"keep_ratio": 0.5}, {"keep_ratio": 1.0}]
 
-    def __init__(self, dim: int = 0, num_layers: int = 0, keep_ratio: float = 0.25) -> None:
+    def __init__(self, keep_ratio: float = 0.25) -> None:
         super().__init__()
-        self.check_config({"keep_ratio": keep_ratio}, prefix="model.reducer.")
+        self.check_config({"keep_ratio": keep_ratio}, prefix="model.merge.")
         self.keep_ratio = float(keep_ratio)
 
     @staticmethod
     def check_config(args: dict[str, Any], prefix: str = "") -> None:
-        from mmembed.config import ConfigError
-
         r = args.get("keep_ratio", 0.25)
         if isinstance(r, bool) or not isinstance(r, (int, float)) or not 0.0 < float(r) <= 1.0:
             raise ConfigError(f"{prefix}keep_ratio", f"must be in (0, 1], got {r!r}")
@@ -100,6 +112,3 @@ class MergeReducer(nn.Module):
     def reduce(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(N_img, N, d) -> merged (N_img, N', d) and original indices (N_img, N')."""
         return merge_tokens(tokens, self.keep_ratio)
-
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        return self.reduce(tokens)[0]

@@ -1,7 +1,7 @@
 """Progressive visual-token pruning inside the LLM (AIM), with pruned rows really removed.
 
 Zhong et al., "AIM: Adaptive Inference of Multi-Modal LLMs via Token Merging and Pruning", ICCV 2025,
-arXiv 2412.03248; LaVi-Lab/AIM ``other_packages/transformers/.../modeling_qwen2.py``. ALGORITHMS.md §5b.
+arXiv 2412.03248; LaVi-Lab/AIM ``other_packages/transformers/.../modeling_qwen2.py``. docs/algorithms.md §5b.
 
 Importance at layer l is PageRank on that layer's attention: ``M = softmax(A / tau)`` per head (A = QK^T/sqrt(d_h)
 plus the mask), ``p^{t+1} = p^t M`` from ``p^0`` uniform over real tokens, 5 iterations, ``score_j = sqrt(mean_h
@@ -19,9 +19,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from mmembed.registry import REDUCERS
+from mmembed.registry import PRUNERS
+from mmembed.types import ConfigError
 
-__all__ = ["PruneReducer", "pruned_forward", "aim_schedule"]
+__all__ = ["Pruner", "AIMPruner", "pruned_forward", "aim_schedule"]
 
 
 def aim_schedule(num_layers: int, start_layer: int | None = None, step: float = 0.125) -> list[float]:
@@ -30,12 +31,28 @@ def aim_schedule(num_layers: int, start_layer: int | None = None, step: float = 
     return [1.0 if i < start else max(0.0, 1.0 - (i - start + 1) * step) for i in range(num_layers)]
 
 
-@REDUCERS.register("prune")
-class PruneReducer(nn.Module):
-    """Layer-wise keep schedule for visual tokens, scored by attention PageRank; text is never pruned.
+class Pruner(nn.Module):
+    """The pruning contract: which visual tokens each LLM layer drops (text is never pruned).
+
+    ``keep_ratios``: per layer, the fraction of the original visual tokens kept after it (non-increasing);
+    ``importance(q, k, allowed, valid) -> (B, L)`` scores the tokens at a layer. Every backbone runs it through
+    :func:`pruned_forward`.
+    """
+
+    keep_ratios: list[float]
+
+    def importance(self, q: torch.Tensor, k: torch.Tensor, allowed: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, allowed: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        return self.importance(q, k, allowed, valid)
+
+
+@PRUNERS.register("aim")
+class AIMPruner(Pruner):
+    """AIM's progressive pruning: a layer-wise keep schedule, tokens scored by attention PageRank.
 
     Args:
-        dim: LLM width (injected, unused).
         num_layers: LLM depth (injected): the schedule may not be longer.
         schedule: fraction of the original visual tokens kept *after* each layer; missing tail layers repeat the
             last value; made non-increasing. ``None`` uses AIM's piecewise-linear schedule.
@@ -45,13 +62,10 @@ class PruneReducer(nn.Module):
         iterations: PageRank iterations (5).
     """
 
-    pre_llm = False
-    in_llm = True
     example_args = [{}, {"schedule": [1.0, 0.5]}, {"schedule": [1.0], "temperature": 1.0, "iterations": 2}]
 
     def __init__(
         self,
-        dim: int = 0,
         num_layers: int = 1,
         schedule: list[float] | None = None,
         start_layer: int | None = None,
@@ -60,19 +74,17 @@ class PruneReducer(nn.Module):
         iterations: int = 5,
     ) -> None:
         super().__init__()
-        from mmembed.config import ConfigError
-
         self.check_config(
             {"schedule": schedule, "step": step, "temperature": temperature, "iterations": iterations},
-            prefix="model.reducer.",
+            prefix="model.prune.",
         )
         if schedule is not None and len(schedule) > num_layers:
             raise ConfigError(
-                "model.reducer.schedule",
+                "model.prune.schedule",
                 f"has {len(schedule)} entries but the backbone has {num_layers} layers; allowed: at most {num_layers}",
             )
         if start_layer is not None and not 0 <= start_layer <= num_layers:
-            raise ConfigError("model.reducer.start_layer", f"must be in [0, {num_layers}], got {start_layer}")
+            raise ConfigError("model.prune.start_layer", f"must be in [0, {num_layers}], got {start_layer}")
         ratios = list(schedule) if schedule else aim_schedule(num_layers, start_layer, step)
         ratios += [ratios[-1]] * (num_layers - len(ratios))
         for i in range(1, len(ratios)):
@@ -82,8 +94,6 @@ class PruneReducer(nn.Module):
 
     @staticmethod
     def check_config(args: dict[str, Any], prefix: str = "") -> None:
-        from mmembed.config import ConfigError
-
         sched = args.get("schedule")
         if sched is not None:
             if not isinstance(sched, (list, tuple)) or not sched:
@@ -118,9 +128,6 @@ class PruneReducer(nn.Module):
             p = p @ m
         score = p.squeeze(2).pow(2).mean(dim=1).sqrt()  # (B, L)
         return score.masked_fill(~valid, -1.0)
-
-    def forward(self, q: torch.Tensor, k: torch.Tensor, allowed: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-        return self.importance(q, k, allowed, valid)
 
 
 def _allowed(valid: torch.Tensor, causal: bool) -> torch.Tensor:
@@ -163,7 +170,7 @@ def pruned_forward(
     attention_mask: torch.Tensor,
     position_ids: torch.Tensor,
     visual_mask: torch.Tensor,
-    reducer: PruneReducer,
+    pruner: Pruner,
     causal: bool = True,
     all_layers: bool = False,
 ) -> tuple[torch.Tensor | tuple[torch.Tensor, ...], torch.Tensor]:
@@ -173,7 +180,7 @@ def pruned_forward(
         model: the HF base model (``layers``, ``rotary_emb``, ``norm``; Llama/Qwen2/Qwen3/Mistral-style layers).
         inputs_embeds: (B, L, d); attention_mask, visual_mask: (B, L); position_ids: (B, L), or (3, B, L) M-RoPE
             ids (Qwen2-VL).
-        reducer: gives the schedule and the importance score.
+        pruner: gives the schedule and the importance score.
         causal: causal or bidirectional (padding-only) attention.
         all_layers: return every layer's output (scattered back to (B, L, d)) instead of the last.
 
@@ -206,11 +213,11 @@ def pruned_forward(
                 ~allowed, torch.finfo(h.dtype).min
             )
         cos_sin = model.rotary_emb(h, pos)
-        need = torch.round(n_vis0.float() * reducer.keep_ratios[i]).long()  # (B,)
+        need = torch.round(n_vis0.float() * pruner.keep_ratios[i]).long()  # (B,)
         prune = bool((vis.sum(dim=1) > need).any())
         if prune:
             with torch.no_grad():
-                scores = reducer.importance(*_qk(layer, h, cos_sin), allowed, valid)
+                scores = pruner.importance(*_qk(layer, h, cos_sin), allowed, valid)
         # M-RoPE (3, B, L) ids are already folded into cos_sin; the layers take 1-D ids only
         h = layer(h, attention_mask=mask, position_ids=pos if pos.dim() == 2 else None, position_embeddings=cos_sin)
         last = i == n_layers - 1

@@ -4,15 +4,17 @@ from __future__ import annotations
 
 import sys
 
+from mmembed.config import ConfigError, load_recipe
+from mmembed.data.skips import DataError
+from mmembed.train.loop import train
+from mmembed.train.safe_load import CheckpointError
+
 __all__ = ["main"]
 
 
 def main(argv: list[str] | None = None) -> int:
     """Parse ``RECIPE [key=value ...]``, validate, train. Config errors exit with code 2, no traceback."""
     import argparse
-
-    from mmembed.config import ConfigError, load_recipe
-    from mmembed.data.skips import DataError
 
     parser = argparse.ArgumentParser(prog="mmembed train", description="Train a recipe.")
     parser.add_argument("recipe")
@@ -26,7 +28,6 @@ def main(argv: list[str] | None = None) -> int:
             raise ConfigError(
                 "data.train", "no training data: set data.train (a manifest, directory or file)", cfg.source
             )
-        from mmembed.train.loop import train
 
         result = train(cfg)
     except ConfigError as e:
@@ -34,6 +35,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except DataError as e:  # data.strict: the first bad sample, with its file and row
         print(f"mmembed: data error: {e}", file=sys.stderr)
+        return 2
+    except CheckpointError as e:  # corrupt, unsafe or unwritable checkpoint: names the file
+        print(f"mmembed: checkpoint error: {e}", file=sys.stderr)
         return 2
     if result.final_dir is not None:
         print(f"trained {result.steps} steps; model saved to {result.final_dir}")

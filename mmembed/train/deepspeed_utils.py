@@ -1,6 +1,6 @@
 """DeepSpeed glue: config building, process-group start, and the engine calls for several backwards per step.
 
-Measured on DeepSpeed 0.19.8 (ENVIRONMENT.md, "GradCache under DeepSpeed 0.19.8"):
+Measured on DeepSpeed 0.19.8 (docs/deepspeed.md, "GradCache under DeepSpeed 0.19.8"):
 
 - Without a ``gradient_clipping`` key the engine clips to 1.0; the config built here always sets it.
 - With several ``engine.backward`` calls per optimizer step (GradCache chunks) and

@@ -1,7 +1,7 @@
 """GradCache: a contrastive step over a large batch with the activation memory of one chunk.
 
 Gao et al. 2021, "Scaling Deep Contrastive Learning Batch Size under Memory Limited Setup"
-(luyug/GradCache ``src/grad_cache/grad_cache.py``), as used by VLM2Vec and Tevatron; ALGORITHMS.md §7:
+(luyug/GradCache ``src/grad_cache/grad_cache.py``), as used by VLM2Vec and Tevatron; docs/algorithms.md §7:
 
 1. no-grad forward of every chunk, recording the RNG state before each chunk (CPU and CUDA);
 2. the loss on the detached, concatenated representations; its gradient w.r.t. them is the *cache*

@@ -1,12 +1,16 @@
-"""The training loop, top to bottom (ARCHITECTURE.md §7; nanochat's one-readable-file idea).
+"""The training loop, top to bottom (docs/architecture.md §7; nanochat's one-readable-file idea).
 
 build model, loss, data -> ``deepspeed.initialize`` -> resume -> for each step: fetch the batch,
-forward (or GradCache), one optimizer step, log, checkpoint, evaluate -> export ``final/``.
+forward (or GradCache), one optimizer step, checkpoint, evaluate, log -> export ``final/``.
+
+The checkpoint is written before the evaluation and a failing evaluation is logged (``eval/error``)
+and survives: a broken held-out image must not cost the run. A skipped step (non-finite loss) is
+recorded in ``metrics.jsonl`` too (``skipped_step``).
 
 The same function runs on one CPU process (``mmembed train``), under ``deepspeed -m mmembed.train``
 on many GPUs and nodes, and under ``torchrun``. Every rank computes the same global loss over the
 gathered embeddings, multiplied by the world size because the engine averages gradients
-(ENVIRONMENT.md, "GradCache under DeepSpeed"); with GradCache each chunk's backward sets the
+(docs/deepspeed.md §2, "GradCache under DeepSpeed"); with GradCache each chunk's backward sets the
 gradient-accumulation boundary so the reduction runs once per step on ZeRO 0-3.
 """
 
@@ -14,6 +18,7 @@ from __future__ import annotations
 
 import functools
 import json
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,21 +30,21 @@ from mmembed import dist
 from mmembed.build import build_from_cfg, instantiate
 from mmembed.config import ConfigError, RecipeCfg, to_dict
 from mmembed.data import SkipCounter, build_train_loader
-from mmembed.io import library_versions, save_model
-from mmembed.processing import split_batch
+from mmembed.eval import eval_in_training, load_eval_sets, read_task_meta
+from mmembed.io import library_versions
 from mmembed.registry import LOSSES
 from mmembed.train import checkpoint as ckpt
 from mmembed.train import memory
 from mmembed.train.deepspeed_utils import (
     build_deepspeed_config,
     engine_backward,
-    gathered_state_dict,
     gradcache_engine_hooks,
     init_distributed,
 )
+from mmembed.train.export import export_engine
 from mmembed.train.gradcache import gradcache_step
 from mmembed.train.metrics import MetricsLogger, plot_loss
-from mmembed.train.setup import ContrastiveTask, apply_lora, make_optimizer, make_scheduler, merge_lora, prepare_model
+from mmembed.train.setup import ContrastiveTask, make_optimizer, make_scheduler, prepare_model
 
 __all__ = ["train", "TrainResult", "NonFiniteLoss"]
 
@@ -70,6 +75,8 @@ def train(cfg: RecipeCfg) -> TrainResult:
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         _write_run_info(cfg, out)
+        for stale in ckpt.clean_stale_temporaries(out):  # left by a killed export or save
+            print(f"removed {stale} (left behind by an interrupted run)", file=sys.stderr)
 
     # 1. model, loss, optimizer, schedule, engine
     torch.manual_seed(t.seed)
@@ -85,7 +92,7 @@ def train(cfg: RecipeCfg) -> TrainResult:
 
     # 2. resume: engine state, step and data position
     start_step, skips = 0, SkipCounter(strict=cfg.data.strict)
-    resume_from = ckpt.find_checkpoint(t.resume, out / "checkpoints")
+    resume_from = ckpt.find_checkpoint(t.resume, out / "checkpoints", verify=True)  # skips corrupt ones
     state: dict[str, Any] = {}
     if resume_from is not None:
         state, skip_state = ckpt.load_checkpoint(engine, resume_from)
@@ -103,10 +110,9 @@ def train(cfg: RecipeCfg) -> TrainResult:
     if state.get("data"):
         loader.load_state_dict(state["data"])
     loader.skips = skips
-    eval_sets, task_meta, best = None, None, float(state.get("best_metric", float("-inf")))
+    eval_sets, task_meta = None, None
+    best = max(float(state.get("best_metric", float("-inf"))), _best_on_disk(out) if resume_from else float("-inf"))
     if cfg.data.eval and t.eval_every:
-        from mmembed.eval import load_eval_sets, read_task_meta
-
         eval_sets = load_eval_sets(
             cfg.data.eval, placeholder=model.processor.placeholder, image_root=cfg.data.image_root, strict=False
         )
@@ -132,6 +138,7 @@ def train(cfg: RecipeCfg) -> TrainResult:
         except NonFiniteLoss as e:
             bad_in_a_row += 1
             logger.message(f"step {step}: {e}; step skipped ({bad_in_a_row} in a row)")
+            logger.log({"step": step + 1, "skipped_step": True, "reason": str(e)})
             if bad_in_a_row >= t.max_bad_steps:
                 raise RuntimeError(
                     f"{bad_in_a_row} non-finite losses in a row (train.max_bad_steps={t.max_bad_steps}); "
@@ -152,31 +159,39 @@ def train(cfg: RecipeCfg) -> TrainResult:
             "skipped": total_skips,
             "mem_start_mb": round(mem_start, 1),
             "mem_peak_mb": round(memory.peak_mb(), 1),
-            **{f"train/{k}": float(v) for k, v in stats.items() if k in ("accuracy", "scale", "micl_loss")},
+            **{
+                f"train/{k}": float(v)
+                for k, v in stats.items()
+                if k in ("accuracy", "scale", "micl_loss", "same_targets")
+            },
         }
         tick = now
         losses.append(float(loss))
-        if t.eval_every and eval_sets and (done % t.eval_every == 0 or done == t.max_steps):
-            from mmembed.eval import eval_in_training
-
-            last_eval = eval_in_training(model, eval_sets, metric=t.eval_metric, batch_size=64, task_meta=task_meta)
-            record.update(last_eval["flat"])
-            logger.message(_eval_line(done, last_eval))
-            if last_eval["selection"]["value"] > best:  # keep the best model by train.eval_metric
-                best = last_eval["selection"]["value"]
-                _export(engine, task, cfg, out / "best")
-                if rank == 0:
-                    (out / "best" / "selection.json").write_text(json.dumps({"step": done, **last_eval["selection"]}))
-            tick = time.perf_counter()
-        logger.log(record)
-        if t.save_every and done % t.save_every == 0 and done < t.max_steps:
+        # the checkpoint comes first: whatever the evaluation does, this step's state is on disk
+        if t.save_every and (done % t.save_every == 0 or done == t.max_steps):
             _save(engine, out, done, loader, cfg, best)
             tick = time.perf_counter()
+        if t.eval_every and eval_sets and (done % t.eval_every == 0 or done == t.max_steps):
+            scores, error = _safe_eval(model, eval_sets, t.eval_metric, task_meta)
+            if error is not None:
+                record["eval/error"] = error
+                logger.message(f"step {done}: evaluation failed, training continues: {error}")
+            else:
+                last_eval = scores
+                record.update(scores["flat"])
+                logger.message(_eval_line(done, scores))
+                if scores["selection"]["value"] > best:  # keep the best model by train.eval_metric
+                    best = scores["selection"]["value"]
+                    export_engine(task, cfg, out / "best")
+                    if rank == 0:
+                        (out / "best" / "selection.json").write_text(json.dumps({"step": done, **scores["selection"]}))
+            tick = time.perf_counter()
+        logger.log(record)
 
     # 4. final checkpoint and export
     if t.save_every and steps_done and not (out / "checkpoints" / f"step_{steps_done}").exists():
         _save(engine, out, steps_done, loader, cfg, best)
-    final = _export(engine, task, cfg, out / "final") if t.export else None
+    final = export_engine(task, cfg, out / "final") if t.export else None
     logger.close()
     if rank == 0:
         print(loader.skips.summary())
@@ -192,7 +207,7 @@ def train(cfg: RecipeCfg) -> TrainResult:
 
 def _forward_backward(engine: Any, task: ContrastiveTask, batch: dict[str, Any], chunk: int) -> tuple[float, dict]:
     """Forward and backward of one step (plain or GradCache); returns the logged loss and stats."""
-    loss_fn = functools.partial(_checked_loss, task, batch.get("negative_mask"))
+    loss_fn = functools.partial(_checked_loss, task, batch.get("negative_mask"), batch.get("target_keys"))
     if chunk:
         result = gradcache_step(
             engine,
@@ -200,7 +215,7 @@ def _forward_backward(engine: Any, task: ContrastiveTask, batch: dict[str, Any],
             batch["target"],
             loss_fn,
             chunk,
-            split_fn=split_batch,
+            split_fn=task.model.processor.split,  # the processor knows its batch layout
             loss_params=[p for p in task.loss.parameters() if p.requires_grad],
             **gradcache_engine_hooks(engine),
         )
@@ -213,9 +228,9 @@ def _forward_backward(engine: Any, task: ContrastiveTask, batch: dict[str, Any],
 
 
 def _checked_loss(
-    task: ContrastiveTask, negative_mask: Any, q: torch.Tensor, t: torch.Tensor
+    task: ContrastiveTask, negative_mask: Any, target_keys: Any, q: torch.Tensor, t: torch.Tensor
 ) -> tuple[torch.Tensor, dict]:
-    loss, stats = task.compute_loss(q, t, negative_mask)
+    loss, stats = task.compute_loss(q, t, negative_mask, target_keys)
     if not torch.isfinite(loss):  # every rank sees the same global loss, so all skip together
         raise NonFiniteLoss(f"loss is {float(loss)}")
     return loss, stats
@@ -259,6 +274,35 @@ def _deepspeed_config(cfg: RecipeCfg) -> dict[str, Any]:
     return {**base, **extra, "zero_optimization": zero}
 
 
+def _safe_eval(model: Any, eval_sets: Any, metric: str, task_meta: Any) -> tuple[dict[str, Any] | None, str | None]:
+    """Run the in-training evaluation; return (scores, None) or (None, a one-line error) without raising.
+
+    Every rank gets the same outcome (a failure anywhere counts everywhere), since what follows a good
+    evaluation, the best-model export, is collective. A failure inside a collective op of the forward
+    (ZeRO-3) cannot be caught this way and still stops the run.
+    """
+
+    scores, error = None, None
+    try:
+        scores = eval_in_training(model, eval_sets, metric=metric, batch_size=64, task_meta=task_meta)
+    except Exception as e:  # any evaluation problem: the training itself is fine and goes on
+        lines = str(e).strip().splitlines()
+        error = f"{type(e).__name__}: {lines[0]}" if lines else type(e).__name__
+    failed = int(dist.all_reduce_sum(torch.tensor([0.0 if error is None else 1.0])).item())
+    if failed and error is None:
+        error = f"evaluation failed on {failed} other rank(s)"
+    return (None, error) if error is not None else (scores, None)
+
+
+def _best_on_disk(out: Path) -> float:
+    """The score of ``best/`` (its ``selection.json``): the checkpoint is written before the evaluation, so a
+    resumed run must not take a worse model for a better one because its checkpoint predates that score."""
+    try:
+        return float(json.loads((out / "best" / "selection.json").read_text())["value"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return float("-inf")
+
+
 def _global_skips(skips: SkipCounter) -> int:
     n = torch.tensor([float(skips.num_skipped)])
     return int(dist.all_reduce_sum(n).item())
@@ -279,21 +323,6 @@ def _eval_line(step: int, scores: dict[str, Any]) -> str:
     parts = ", ".join(f"{k} {v['hit@1']:.3f}" for k, v in scores["datasets"].items())
     sel = scores["selection"]
     return f"step {step}: held-out hit@1 mean {scores['mean_hit@1']:.3f} ({parts}); {sel['metric']} {sel['value']:.3f}"
-
-
-def _export(engine: Any, task: ContrastiveTask, cfg: RecipeCfg, final: Path) -> Path | None:
-    """Gather the full weights (ZeRO-3 too), merge LoRA, write the model directory on rank 0."""
-    state = gathered_state_dict(task.model)  # collective
-    path = None
-    if dist.get_rank() == 0:
-        fresh = build_from_cfg(cfg.model)
-        if cfg.train.lora:
-            apply_lora(fresh, cfg.train.lora)
-        fresh.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state.items()}, strict=True)
-        merge_lora(fresh)
-        path = save_model(fresh.eval(), final)
-    dist.barrier()
-    return path
 
 
 def _write_run_info(cfg: RecipeCfg, out: Path) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import math
 from typing import Any
 
@@ -12,7 +13,7 @@ from mmembed.config import ConfigError, TrainCfg
 
 __all__ = ["ContrastiveTask", "prepare_model", "apply_lora", "merge_lora", "make_optimizer", "make_scheduler"]
 
-SLOTS = ("vision", "connector", "reducer", "backbone", "pooler", "fusion", "proj")
+SLOTS = ("vision", "connector", "merge", "prune", "backbone", "pooler", "fusion", "proj")
 LORA_KEYS = ("r", "alpha", "dropout", "target_modules", "use_dora", "init")
 
 
@@ -29,6 +30,8 @@ class ContrastiveTask(nn.Module):
         fusion = getattr(model, "fusion", None)
         has_micl = fusion is not None and getattr(fusion, "micl_token_id", None) is not None
         self.micl_weight: float | None = float(fusion.micl_weight) if has_micl else None
+        # the collator's content ids of the targets reach losses that take them (false-negative masking)
+        self.loss_takes_keys = "target_keys" in inspect.signature(loss.forward).parameters
 
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """(B, D), or (B, 2D) = [main | mICL visual] when the model has a NoteLLM-2 mICL token, so GradCache
@@ -39,15 +42,22 @@ class ContrastiveTask(nn.Module):
         return torch.cat([emb, aux["visual"]], dim=-1)
 
     def compute_loss(
-        self, q: torch.Tensor, t: torch.Tensor, negative_mask: torch.Tensor | None = None
+        self,
+        q: torch.Tensor,
+        t: torch.Tensor,
+        negative_mask: torch.Tensor | None = None,
+        target_keys: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, dict]:
         """The loss to differentiate and its stats. With mICL: ``(1 - w) L(main) + w L(visual)`` (NoteLLM-2,
         arXiv 2405.16789; default w = 0.1, i.e. 9:1), both InfoNCE over the same batch."""
+        kw: dict[str, Any] = {"negative_mask": negative_mask, "return_stats": True}
+        if self.loss_takes_keys:
+            kw["target_keys"] = target_keys
         if self.micl_weight is None:
-            return self.loss(q, t, negative_mask=negative_mask, return_stats=True)
+            return self.loss(q, t, **kw)
         d = q.shape[1] // 2
-        main, stats = self.loss(q[:, :d], t[:, :d], negative_mask=negative_mask, return_stats=True)
-        visual, vstats = self.loss(q[:, d:], t[:, d:], negative_mask=negative_mask, return_stats=True)
+        main, stats = self.loss(q[:, :d], t[:, :d], **kw)
+        visual, vstats = self.loss(q[:, d:], t[:, d:], **kw)
         w = self.micl_weight
         stats = {**stats, "loss": (1 - w) * stats["loss"] + w * vstats["loss"], "micl_loss": vstats["loss"]}
         return (1 - w) * main + w * visual, stats
@@ -96,8 +106,8 @@ def prepare_model(model: nn.Module, cfg: TrainCfg) -> None:
         apply_lora(model, cfg.lora)
     for slot in cfg.freeze:
         module = getattr(model, slot, None)
-        if module is None and slot == "vision" and getattr(model.backbone, "native", False):
-            module = model.backbone.vision_tower()  # a native VLM's own tower (Qwen ``visual``, LLaVA ``vision_tower``)
+        if slot == "vision" and model.visual is not None:
+            module = model.visual.tower  # the encoder, or a native VLM's own tower (Qwen ``visual``, LLaVA's)
         if module is None:
             raise ConfigError("train.freeze", f"the model has no '{slot}' slot to freeze")
         module.requires_grad_(False)

@@ -6,13 +6,13 @@ import pytest
 import torch
 
 from mmembed.config import ConfigError
-from tests.components import build, rows
+from tests.tiny_models import build, rows
 
 
 def _states(model, ids, am):
     pos = (am.cumsum(-1) - 1).clamp_min(0)
     with torch.no_grad():
-        return model.backbone(model.backbone.embed(ids), am, pos)
+        return model.backbone.language_forward(model.backbone.embed(ids), am, pos)
 
 
 @pytest.mark.parametrize("impl", ["sdpa", "eager"])

@@ -17,7 +17,7 @@ import mmembed
 from mmembed.config import ConfigError
 from mmembed.data.sample import Side
 from tests.conftest import make_image
-from tests.vlm.conftest import ROOT
+from tests.native_vlms import ROOT
 
 QWEN = ROOT / "recipes/tiny/qwen2vl.yaml"
 LLAVA = ROOT / "recipes/tiny/llava.yaml"
@@ -88,7 +88,7 @@ def test_mlp_connector_in_place_of_the_projector_equals_the_hf_forward(family, s
     model = _build(family, "model.connector={type: mlp}", f"model.padding_side={side}")
     bb = model.backbone
     inner = bb.base_model()
-    assert model.connector is not None and bb.connector is model.connector
+    assert model.connector is not None and model.visual.connector is model.connector  # used, not copied
     keys = model.state_dict().keys()
     assert any(k.startswith("connector.") for k in keys)
     assert not any("multi_modal_projector" in k or "merger" in k for k in keys), "the built-in projector is gone"
@@ -107,7 +107,7 @@ def test_qwen_connector_positions_equal_hf_rope_index():
     batch = model.processor(_sides())
     bb = model.backbone
     with torch.no_grad():
-        sp = bb.spliced_inputs(batch)
+        sp = bb.splice(batch, model.visual(batch))
     ref, _ = bb.base_model().get_rope_index(
         batch["input_ids"], batch["mm_token_type_ids"], batch["image_grid_thw"], None, batch["attention_mask"]
     )
@@ -123,7 +123,7 @@ def test_a_connector_that_changes_the_token_count(family):
     batch = model.processor(_sides())
     bb = model.backbone
     with torch.no_grad():
-        sp = bb.spliced_inputs(batch)
+        sp = bb.splice(batch, model.visual(batch))
         emb = model(batch)
     assert torch.isfinite(emb).all() and emb.shape == (3, 64)
     assert sp.visual.sum(dim=1).tolist() == [0, 4, 8]  # p*p = 4 tokens per image
@@ -154,12 +154,12 @@ def test_connector_errors_name_the_key():
 @pytest.mark.parametrize("family", ["qwen2_vl", "llava", "llava_next"])
 def test_prune_keeping_everything_equals_the_plain_forward_and_pruning_drops_tokens(family):
     plain = _build(family)
-    keep = _build(family, "model.reducer={type: prune, schedule: [1.0]}")
-    prune = _build(family, "model.reducer={type: prune, schedule: [0.5]}")
+    keep = _build(family, "model.prune={type: aim, schedule: [1.0]}")
+    prune = _build(family, "model.prune={type: aim, schedule: [0.5]}")
     batch = plain.processor(_sides())
     with torch.no_grad():
         a, b, c = plain(batch), keep(batch), prune(batch)
-        hidden, attn, pool = prune.backbone.forward_native(batch, reducer=prune.reducer)
+        hidden, attn, pool = prune.backbone(batch, prune.visual(batch), pruner=prune.prune)
     assert float((a - b).abs().max()) <= 1e-5
     assert torch.isfinite(c).all() and float((a - c).abs().max()) > 1e-4
     n_img = (batch["input_ids"] == prune.backbone.image_token_id).sum(dim=1)
@@ -167,11 +167,11 @@ def test_prune_keeping_everything_equals_the_plain_forward_and_pruning_drops_tok
 
 
 def test_aim_on_qwen_merges_then_prunes():
-    model = _build("qwen2_vl", "model.reducer={type: aim, keep_ratio: 0.5, schedule: [0.5]}")
+    model = _build("qwen2_vl", "model.merge={type: aim, keep_ratio: 0.5}", "model.prune={type: aim, schedule: [0.5]}")
     batch = model.processor(_sides())
     with torch.no_grad():
         emb = model(batch)
-        _, attn, _ = model.backbone.forward_native(batch, reducer=model.reducer)
+        _, attn, _ = model.backbone(batch, model.visual(batch), pruner=model.prune)
     assert torch.isfinite(emb).all()
     assert int(attn.sum()) < int(batch["attention_mask"].sum())
 

@@ -5,8 +5,9 @@ For Qwen2-VL, Qwen2.5-VL, LLaVA and LLaVA-Next (tiny random-init checkpoints sav
 processor's input for the VLM2Vec layout (``<image> instruction text</s>``), and the embedding equals
 ``Model.model(**hf_inputs).last_hidden_state`` at the last real token (max abs diff <= 1e-5, fp32) on text-only,
 image-only, image+text and two-image rows, with left and right padding; batch size does not change it; save ->
-load gives identical embeddings; GradCache's ``split_batch`` cuts native batches (flattened Qwen patches by
-``image_grid_thw``, LLaVA-Next tiles) into chunks whose embeddings equal the full batch's rows.
+load gives identical embeddings; the processor's ``split`` (what GradCache uses) cuts native batches
+(flattened Qwen patches by ``image_grid_thw``, LLaVA-Next tiles) into chunks whose embeddings equal the full
+batch's rows.
 """
 
 from __future__ import annotations
@@ -18,9 +19,8 @@ import torch.nn.functional as F
 
 import mmembed
 from mmembed.data.sample import Side
-from mmembed.processing import split_batch
 from tests.conftest import make_image
-from tests.vlm.conftest import FAMILIES
+from tests.native_vlms import FAMILIES
 
 SIZES = [(40, 48), (100, 70), (64, 64), (90, 120), (56, 56)]
 
@@ -119,7 +119,7 @@ def test_split_batch_chunks_embed_like_the_full_batch(family, hf_checkpoint):
     model = _build(path, _btype(family), "left")
     sides, _ = _rows()
     batch = model.processor(sides)
-    chunks = split_batch(batch, 2)
+    chunks = model.processor.split(batch, 2)
     assert len(chunks) == 3
     assert torch.equal(torch.cat([c["pixel_values"] for c in chunks if "pixel_values" in c]), batch["pixel_values"])
     if family == "qwen2_vl":  # flattened patches: sliced by t*h*w of each image's grid

@@ -12,7 +12,7 @@ from mmembed.data.sample import Side
 from mmembed.processing import InputError
 from mmembed.train.setup import apply_lora
 from tests.conftest import make_image
-from tests.vlm.conftest import ROOT
+from tests.native_vlms import ROOT
 
 QWEN = ROOT / "recipes/tiny/qwen2vl.yaml"
 LLAVA = ROOT / "recipes/tiny/llava.yaml"

@@ -14,14 +14,14 @@ import torch
 import mmembed
 from mmembed.data.sample import Side
 from tests.conftest import make_image
-from tests.vlm.conftest import ROOT
+from tests.native_vlms import ROOT
 
 QWEN = ROOT / "recipes/tiny/qwen2vl.yaml"
 
 
 @pytest.fixture(scope="module")
 def model():
-    return mmembed.build_model(QWEN, ["model.reducer={type: merge, keep_ratio: 0.5}"]).eval()
+    return mmembed.build_model(QWEN, ["model.merge={type: aim, keep_ratio: 0.5}"]).eval()
 
 
 def _batch(model, side):
@@ -40,7 +40,7 @@ def test_merged_positions_equal_hf_rope_index_of_the_survivors(model, side):
     batch = _batch(model, side)
     bb = model.backbone
     with torch.no_grad():
-        sp = bb.spliced_inputs(batch, model.reducer)
+        sp = bb.splice(batch, model.visual(batch))
     mask, pos, source = sp.attention_mask, sp.position_ids, sp.source
     ref, _ = bb.model.get_rope_index(
         batch["input_ids"], batch["mm_token_type_ids"], batch["image_grid_thw"], None, batch["attention_mask"]
@@ -55,7 +55,7 @@ def test_merged_positions_equal_hf_rope_index_of_the_survivors(model, side):
         # every text token survives, in order
         text_cols = (batch["attention_mask"][b].bool() & ~n_img[b]).nonzero().flatten()
         assert torch.equal(cols[~n_img[b, cols]], text_cols)
-    expected = sum(model.reducer.num_tokens(int(g.prod()) // 4) for g in batch["image_grid_thw"])
+    expected = sum(model.merge.num_tokens(int(g.prod()) // 4) for g in batch["image_grid_thw"])
     assert kept_img == expected  # 2x2 spatial merge, then keep_ratio 0.5 per image
     with torch.no_grad():
         emb = model(batch)
@@ -64,9 +64,9 @@ def test_merged_positions_equal_hf_rope_index_of_the_survivors(model, side):
 
 def test_keep_everything_equals_the_plain_forward(model):
     full = copy.deepcopy(model)
-    full.reducer.keep_ratio = 1.0
-    plain = copy.deepcopy(model)
-    plain.reducer = None
+    full.merge.keep_ratio = 1.0
+    plain = mmembed.build_model(QWEN).eval()
+    plain.load_state_dict(model.state_dict())
     batch = _batch(model, "left")
     with torch.no_grad():
         a, b = full(batch), plain(batch)

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from mmembed.connectors.late_fusion import LateFusion
-from tests.components import build, rows
+from tests.tiny_models import build, rows
 
 
 class _Const(nn.Module):

@@ -7,7 +7,7 @@ import torch
 
 from mmembed.config import ConfigError
 from mmembed.connectors.pool_adapter import PoolAdapter, pool_grid
-from tests.components import build, rows
+from tests.tiny_models import build, rows
 
 
 def test_gradient_image_pools_to_a_monotone_grid_in_raster_order():

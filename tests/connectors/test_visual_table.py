@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from mmembed.connectors.visual_table import VisualTable, space_to_depth
-from tests.components import build, rows
+from tests.tiny_models import build, rows
 
 
 def test_one_hot_distribution_returns_exactly_the_table_row():

@@ -7,8 +7,8 @@ import torch
 
 from mmembed.config import ConfigError, load_recipe
 from mmembed.encoders.multi import MultiEncoder, resample_grid
-from tests.components import build, rows
 from tests.conftest import TINY_RECIPE
+from tests.tiny_models import build, rows
 
 SPECS = [
     {"type": "timm", "name": "test_vit", "image_size": 64},

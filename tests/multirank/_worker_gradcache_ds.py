@@ -10,7 +10,7 @@ compared with a single-process plain-torch step on the global batch that replays
 - ``gradcache_learnable``: a learnable temperature held by the engine's model (loss as a submodule);
 - ``gradcache_clip``: gradient clipping active (clipped reference computed with ``clip_grad_norm_``);
 - ``gradcache_bf16``: bf16 precision, compared loosely (bf16 rounding) to the fp32 reference;
-- ``control_no_boundary`` (ZeRO 2): GradCache without the boundary flag, measured wrong in ENVIRONMENT.md,
+- ``control_no_boundary`` (ZeRO 2): GradCache without the boundary flag, measured wrong in docs/deepspeed.md,
   shows that the comparison can fail.
 """
 

@@ -1,7 +1,7 @@
 """Multi-rank checks with 2 CPU ranks over gloo, launched with torchrun from pytest.
 
 Each launch runs a worker script in this folder that writes one JSON file per rank; the test judges the
-files, not the launcher's exit code (ENVIRONMENT.md: about 6 in 100 two-rank runs abort at process exit
+files, not the launcher's exit code (docs/deepspeed.md: about 6 in 100 two-rank runs abort at process exit
 after writing their results). DeepSpeed compiles its shared-memory op on first use (about 30 s) into
 ``TORCH_EXTENSIONS_DIR``: one directory per test session unless the variable is already set.
 """

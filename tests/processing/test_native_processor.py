@@ -10,11 +10,11 @@ import pytest
 import torch
 
 import mmembed
-from mmembed.backbones.native_processor import NativeProcessor
 from mmembed.backbones.splice import image_runs
 from mmembed.data.sample import Side
+from mmembed.processing import NativeProcessor
 from tests.conftest import make_image
-from tests.vlm.conftest import ROOT
+from tests.native_vlms import ROOT
 
 RECIPES = {"qwen2_vl": "recipes/tiny/qwen2vl.yaml", "llava": "recipes/tiny/llava.yaml"}
 INSTR = "Represent the given image."

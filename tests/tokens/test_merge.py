@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from mmembed.config import ConfigError, load_recipe
-from mmembed.tokens.merge import MergeReducer, merge_tokens, merged_count
-from tests.components import build, rows
+from mmembed.tokens.merge import AIMMerger, merge_tokens, merged_count
 from tests.conftest import TINY_RECIPE
+from tests.tiny_models import build, rows
 
 
 def test_keep_ratio_one_is_the_identity():
@@ -21,7 +21,7 @@ def test_identical_tokens_keep_their_value_and_counts_are_deterministic():
     x = torch.randn(2, 1, 8).expand(2, 20, 8).contiguous()
     for ratio in (0.5, 0.25, 0.1):
         out, pos = merge_tokens(x, ratio)
-        assert out.shape[1] == merged_count(20, ratio) == MergeReducer(keep_ratio=ratio).num_tokens(20)
+        assert out.shape[1] == merged_count(20, ratio) == AIMMerger(keep_ratio=ratio).num_tokens(20)
         assert torch.allclose(out, x[:, :1].expand_as(out), atol=1e-6)
         assert (pos[:, 1:] > pos[:, :-1]).all()  # survivors in original (raster) order
 
@@ -38,12 +38,12 @@ def test_similar_tokens_merge_first_and_means_are_unweighted():
 @pytest.mark.parametrize("ratio", [0, -0.5, 1.5])
 def test_keep_ratio_outside_range_fails_validation_naming_the_key(ratio):
     with pytest.raises(ConfigError) as e:
-        load_recipe(TINY_RECIPE, [f"model.reducer={{type: merge, keep_ratio: {ratio}}}"])
-    assert e.value.key == "model.reducer.keep_ratio" and "(0, 1]" in e.value.message
+        load_recipe(TINY_RECIPE, [f"model.merge={{type: aim, keep_ratio: {ratio}}}"])
+    assert e.value.key == "model.merge.keep_ratio" and "(0, 1]" in e.value.message
 
 
 def test_model_expands_placeholders_to_the_merged_count_and_stays_invariant():
-    model = build("model.reducer={type: merge, keep_ratio: 0.25}")
+    model = build("model.merge={type: aim, keep_ratio: 0.25}")
     assert model.processor.image_tokens == 4  # 16 connector tokens -> 4
     texts, images, instr = rows()
     a = model.encode(texts=texts, images=images, instruction=instr, batch_size=5)

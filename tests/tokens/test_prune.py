@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from mmembed.config import ConfigError
-from mmembed.tokens.prune import PruneReducer, aim_schedule
-from tests.components import build, rows
+from mmembed.tokens.prune import AIMPruner, aim_schedule
+from tests.tiny_models import build, rows
 
 
 def test_aim_schedule_matches_the_reference():
@@ -18,7 +18,7 @@ def test_aim_schedule_matches_the_reference():
 @pytest.mark.parametrize("impl", ["sdpa", "eager"])
 def test_keep_all_schedule_equals_the_unpruned_forward(impl):
     plain = build(f"model.backbone.attn_implementation={impl}")
-    pruned = build(f"model.backbone.attn_implementation={impl}", "model.reducer={type: prune, schedule: [1.0, 1.0]}")
+    pruned = build(f"model.backbone.attn_implementation={impl}", "model.prune={type: aim, schedule: [1.0, 1.0]}")
     pruned.load_state_dict(plain.state_dict())
     texts, images, instr = rows()
     a = plain.encode(texts=texts, images=images, instruction=instr, batch_size=5)
@@ -27,20 +27,15 @@ def test_keep_all_schedule_equals_the_unpruned_forward(impl):
 
 
 def test_pruning_removes_visual_rows_keeps_text_and_is_batch_and_padding_invariant():
-    spec = "model.reducer={type: prune, schedule: [0.25]}"
+    spec = "model.prune={type: aim, schedule: [0.25]}"
     model = build(spec, "model.pooler.type=mean")
     lengths = []
     hook = model.backbone.model.layers[1].register_forward_pre_hook(lambda m, a: lengths.append(a[0].shape[1]))
     batch = model.processor(model._rows(["a red circle", "x"], [rows()[1][1], None], None))
     visual = batch["input_ids"] == model.processor.placeholder_id
     with torch.no_grad():
-        h, kept = model.backbone.forward_pruned(
-            model.splice(batch),
-            batch["attention_mask"],
-            (batch["attention_mask"].cumsum(-1) - 1).clamp_min(0),
-            visual,
-            model.reducer,
-        )
+        h, attn, _ = model.backbone(batch, model.visual(batch), pruner=model.prune)
+    kept = attn.bool()  # real tokens still present at the last layer
     hook.remove()
     length = batch["input_ids"].shape[1]
     assert lengths == [length - 12]  # 16 visual rows -> 4 kept after layer 0; row 1 has none
@@ -56,14 +51,14 @@ def test_pruning_removes_visual_rows_keeps_text_and_is_batch_and_padding_invaria
 
 def test_schedule_longer_than_the_backbone_fails_naming_the_key():
     with pytest.raises(ConfigError) as e:
-        build("model.reducer={type: prune, schedule: [1.0, 0.5, 0.25]}")
-    assert e.value.key == "model.reducer.schedule" and "2 layers" in e.value.message
-    with pytest.raises(ConfigError, match="model.reducer.schedule"):
-        build("model.reducer={type: prune, schedule: [1.5]}")
+        build("model.prune={type: aim, schedule: [1.0, 0.5, 0.25]}")
+    assert e.value.key == "model.prune.schedule" and "2 layers" in e.value.message
+    with pytest.raises(ConfigError, match="model.prune.schedule"):
+        build("model.prune={type: aim, schedule: [1.5]}")
 
 
 def test_importance_prefers_attended_tokens():
-    red = PruneReducer(num_layers=1, temperature=1.0)
+    red = AIMPruner(num_layers=1, temperature=1.0)
     q = torch.zeros(1, 1, 4, 2)
     k = torch.zeros(1, 1, 4, 2)
     q[..., 0] = 1.0
@@ -89,7 +84,7 @@ def test_pruning_scores_read_the_attention_the_model_computes(family):
     mask = batch["attention_mask"]
     pos = (mask.cumsum(-1) - 1).clamp_min(0)
     with torch.no_grad():
-        embeds = model.splice(batch)
+        embeds = model.backbone.splice(batch, model.visual(batch)).embeds
         ref = lm(inputs_embeds=embeds, attention_mask=mask, position_ids=pos, output_attentions=True).attentions[0]
         q, k = _qk(lm.layers[0], embeds, lm.rotary_emb(embeds, pos))
     logits = (q @ k.transpose(-1, -2)) * lm.layers[0].self_attn.scaling
@@ -105,8 +100,8 @@ def test_keep_all_equals_the_unpruned_forward_for_phi3_and_gemma(family):
     extra = {"gemma": ["model.backbone.config.head_dim=16"], "phi3": ["model.backbone.config.pad_token_id=0"]}
     over = [f"model.backbone.config.model_type={family}", *extra[family]]
     plain = build(*over)
-    keep = build(*over, "model.reducer={type: prune, schedule: [1.0, 1.0]}")
-    prune = build(*over, "model.reducer={type: prune, schedule: [0.25]}")
+    keep = build(*over, "model.prune={type: aim, schedule: [1.0, 1.0]}")
+    prune = build(*over, "model.prune={type: aim, schedule: [0.25]}")
     keep.load_state_dict(plain.state_dict())
     prune.load_state_dict(plain.state_dict())
     texts, images, instr = rows()

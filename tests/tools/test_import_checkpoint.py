@@ -12,7 +12,7 @@ import torch.nn.functional as F
 import mmembed
 from mmembed.backbones.native import VLM2VEC_LORA_TARGETS
 from tests.conftest import make_image
-from tests.vlm.conftest import ROOT, tiny_hf
+from tests.native_vlms import ROOT, tiny_hf
 
 
 def _tool():

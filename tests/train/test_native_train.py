@@ -12,8 +12,8 @@ from safetensors.torch import load_file
 
 import mmembed
 from tests.conftest import make_image
+from tests.native_vlms import ROOT, run_recipe
 from tests.train.conftest import train_overrides
-from tests.vlm.conftest import ROOT, run_recipe
 
 pytestmark = pytest.mark.usefixtures("torch_extensions_dir")
 
@@ -48,7 +48,8 @@ def test_tiny_recipe_trains_and_its_export_reloads(recipe, demo_data, tmp_path):
         [],
         [
             "model.connector={type: pool_adapter, pool_size: 2, mode: adaptive}",
-            "model.reducer={type: aim, keep_ratio: 0.5}",
+            "model.merge={type: aim, keep_ratio: 0.5}",
+            "model.prune={type: aim}",
         ],
     ],
     ids=["stock", "connector+aim"],
@@ -74,7 +75,7 @@ def test_gradcache_over_native_qwen2vl_batches_equals_the_plain_step(extra, demo
 
 def test_tiny_qwen2vl_with_a_connector_trains_it_beside_lora_and_reloads(demo_data, tmp_path):
     out = tmp_path / "run"
-    over = ["model.connector={type: mlp}", "model.reducer={type: merge, keep_ratio: 0.5}"]
+    over = ["model.connector={type: mlp}", "model.merge={type: aim, keep_ratio: 0.5}"]
     extra = {"train.max_steps": 2, "train.gradcache_chunk_size": 2}
     proc = run_recipe("recipes/tiny/qwen2vl.yaml", [*train_overrides(demo_data, out, **extra), *over])
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -87,6 +88,6 @@ def test_tiny_qwen2vl_with_a_connector_trains_it_beside_lora_and_reloads(demo_da
     conn = [k for k in start if k.startswith("connector.")]
     assert conn and all(not torch.equal(start[k], trained[k]) for k in conn), "LoRA must not freeze the connector"
     model = mmembed.load(out / "final")
-    assert model.connector is not None and model.backbone.connector is model.connector
+    assert model.connector is not None and model.visual.connector is model.connector
     emb = model.encode(texts=["<image> what color?", "a red circle"], images=[make_image(1), None])
     assert emb.shape == (2, 64) and np.isfinite(emb).all()

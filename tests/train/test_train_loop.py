@@ -152,8 +152,10 @@ def test_non_finite_loss_skips_the_step_and_stops_after_too_many(bad, max_bad, e
     )
     assert proc.returncode == expect_rc, proc.stderr[-3000:]
     assert "step skipped" in proc.stderr + proc.stdout
-    steps = [json.loads(ln)["step"] for ln in (out / "metrics.jsonl").read_text().splitlines()]
+    records = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines()]
+    steps = [r["step"] for r in records if not r.get("skipped_step")]  # steps that trained
     assert 2 not in steps and 3 not in steps and 1 in steps
+    assert [r["step"] for r in records if r.get("skipped_step")][:1] == [2]  # skipped steps are recorded too
     if expect_rc == 0:
         assert steps == [1, 4, 5] and (out / "final").is_dir()
     else:

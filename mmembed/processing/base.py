@@ -1,0 +1,159 @@
+"""What every processor shares: the row layout, text truncation, image decoding, GradCache splits, device moves.
+
+A processor turns :class:`~mmembed.types.Side` rows into one padded batch (padded to its longest row, never to a
+fixed length) and owns that batch's layout: :meth:`BaseProcessor.split` cuts it into GradCache chunks and
+:meth:`BaseProcessor.to` moves it to a device. Subclasses: :class:`~mmembed.processing.Processor` (composed models:
+mmembed tokenizes, expands placeholders and transforms images) and :class:`~mmembed.processing.NativeProcessor`
+(native VLMs: the model's own HF processor does both).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from PIL import Image
+
+from mmembed.images import DEFAULT_MAX_PIXELS, ImageError, load_image
+from mmembed.types import InputError, Side, layout_side
+
+__all__ = ["BaseProcessor", "keep_counts"]
+
+log = logging.getLogger(__name__)
+
+
+def keep_counts(counts: Sequence[int], budget: int) -> list[int] | None:
+    """Tokens to keep per text chunk so the row fits ``budget``: cut from the end (the last chunk first), never an
+    image. ``None`` when the row already fits."""
+    excess = sum(counts) - budget
+    if excess <= 0:
+        return None
+    keep = list(counts)
+    for j in reversed(range(len(keep))):
+        cut = min(excess, keep[j])
+        keep[j] -= cut
+        excess -= cut
+        if excess <= 0:
+            break
+    return keep
+
+
+class BaseProcessor:
+    """Shared state and helpers; subclasses implement ``__call__(sides, rows) -> batch``.
+
+    Attributes: ``tokenizer``, ``placeholder`` (mmembed's image placeholder in texts), ``placeholder_id`` (the id
+    the batch holds per visual token), ``image_tokens`` (visual tokens per image, exact or an upper bound),
+    ``max_length`` (text-token budget per row), ``padding_side``, ``max_pixels`` (decompression-bomb guard),
+    ``max_images`` (per row), ``transform`` (mmembed's image transform, ``None`` when the HF processor resizes).
+    """
+
+    tokenizer: Any
+    placeholder: str
+    placeholder_id: int
+    image_tokens: int
+    max_length: int
+    padding_side: str
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    max_images: int = 8
+    transform: Any = None
+    _warned_truncation: bool = False  # one truncation warning per processor
+    #: per-image tensors besides ``pixel_values`` (sliced by the rows' image counts in :meth:`split`)
+    image_keys: tuple[str, ...] = ()
+    #: a (N_img, 3) key whose row product is each image's number of ``pixel_values`` rows (flattened patches)
+    patch_grid_key: str | None = None
+
+    def __call__(self, sides: Sequence[Side], rows: Sequence[Any] | None = None) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------------------------------
+    # rows
+
+    def length(self, side: Side) -> int:
+        """Cheap length estimate in tokens (for grouping by length; no tokenization)."""
+        chars = len(side.text or "") + len(side.instruction or "")
+        return chars // 3 + len(side.images) * self.image_tokens + self.n_special
+
+    @property
+    def n_special(self) -> int:
+        """Tokens a row carries besides its text and images (BOS, EOS)."""
+        return 1
+
+    def check_row(self, side: Side, row: Any, rest: str) -> None:
+        """A subclass's own refusals for one row (after the shared layout checks)."""
+
+    def layout(self, side: Side, row: Any) -> tuple[int, int, list[str]]:
+        """(leading images, instruction length in characters, text chunks between the other images), in VLM2Vec's
+        ``<image> instruction text`` layout (:func:`~mmembed.types.layout_side`)."""
+        lead, instruction, rest = layout_side(side, row, self.placeholder, self.max_images)
+        self.check_row(side, row, rest)
+        chunks = rest.split(self.placeholder)
+        if instruction:
+            chunks[0] = instruction + (" " + chunks[0] if chunks[0] else "")
+        return lead, len(instruction), chunks
+
+    def warn_truncation(self, row: Any) -> None:
+        """One warning per processor: a text longer than the budget lost its end."""
+        if not self._warned_truncation:
+            log.warning("row %s: text longer than max_length=%d tokens; truncating", row, self.max_length)
+            self._warned_truncation = True
+
+    def decode_images(self, sides: Sequence[Side], rows: Sequence[Any]) -> list[Image.Image]:
+        """Every image of the batch decoded to RGB, in row order; a bad one raises :class:`InputError` naming it."""
+        out = []
+        for side, row in zip(sides, rows):
+            for img in side.images:
+                shown = img if isinstance(img, (str, os.PathLike)) else f"<{type(img).__name__}>"
+                try:
+                    out.append(load_image(img, self.max_pixels, name=f"row {row}: image {shown}"))
+                except ImageError as e:
+                    raise InputError(str(e)) from None
+        return out
+
+    # ------------------------------------------------------------------------------------------
+    # batches
+
+    def to(self, batch: dict[str, Any], device: torch.device | str) -> dict[str, Any]:
+        """The batch with every tensor on ``device`` (views when it is already there)."""
+        return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+    def split(self, batch: dict[str, torch.Tensor], chunk_size: int) -> list[dict[str, torch.Tensor]]:
+        """The batch cut into chunks of ``chunk_size`` rows (GradCache, eval); views, no copies.
+
+        Row tensors (B, L) are sliced; per-image tensors (``pixel_values`` and :attr:`image_keys`) by the rows'
+        image counts; flattened patches (Qwen2-VL's ``pixel_values`` (N_patches, C*T*P*P)) by each image's
+        ``t*h*w`` from :attr:`patch_grid_key`. Columns that are padding in every row of a chunk are dropped, so each
+        chunk is padded only to its own longest row; positions come from the attention mask and do not change.
+        """
+        if chunk_size < 1:
+            raise ValueError(f"chunk size must be >= 1, got {chunk_size}")
+        n = batch["input_ids"].shape[0]
+        counts = batch["image_counts"]
+        img_offsets = torch.cat([torch.zeros(1, dtype=torch.long), counts.cumsum(0)])
+        grid = batch.get(self.patch_grid_key) if self.patch_grid_key else None
+        if grid is not None:  # image i's rows of pixel_values: [pix_offsets[i], pix_offsets[i + 1])
+            pix_offsets = torch.cat([torch.zeros(1, dtype=torch.long), grid.prod(dim=-1).cumsum(0)])
+        else:
+            pix_offsets = torch.arange(int(img_offsets[-1]) + 1)
+        per_image = ("image_counts", "pixel_values", *self.image_keys)
+        shape = tuple(batch["input_ids"].shape)
+        row_keys = [k for k, v in batch.items() if k not in per_image and tuple(v.shape) == shape]
+        chunks = []
+        for start in range(0, n, chunk_size):
+            stop = min(start + chunk_size, n)
+            mask = batch["attention_mask"][start:stop]
+            cols = mask.any(dim=0).nonzero()
+            lo, hi = (int(cols[0]), int(cols[-1]) + 1) if len(cols) else (0, mask.shape[1])
+            chunk = {k: batch[k][start:stop, lo:hi] for k in row_keys}
+            chunk["image_counts"] = counts[start:stop]
+            a, b = int(img_offsets[start]), int(img_offsets[stop])
+            if b > a:
+                for key in self.image_keys:
+                    if key in batch:
+                        chunk[key] = batch[key][a:b]
+                if "pixel_values" in batch:
+                    chunk["pixel_values"] = batch["pixel_values"][int(pix_offsets[a]) : int(pix_offsets[b])]
+            chunks.append(chunk)
+        return chunks
