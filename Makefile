@@ -22,8 +22,10 @@ demo: $(STAMP)
 # DeepSpeed compiles its CPU communication op once per environment; keep it with the venv (one torch version).
 export TORCH_EXTENSIONS_DIR ?= $(abspath $(VENV))/torch_extensions
 
+# Two pytest workers (pytest-xdist): most tests wait on a subprocess or a tiny model, so 2 cores run 2 at once.
+PYTEST_WORKERS ?= 2
 test: $(STAMP)
-	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -n $(PYTEST_WORKERS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mmembed.registry import ALL, LOSSES, slot_args
+from mmembed.registry import ALL, LOSSES, import_module, slot_args
 from mmembed.types import ConfigError
 
 __all__ = [
@@ -204,6 +204,8 @@ class RecipeCfg:
     data: DataCfg = field(default_factory=DataCfg)
     loss: dict[str, Any] = field(default_factory=lambda: {"type": "infonce"})
     train: TrainCfg = field(default_factory=TrainCfg)
+    #: modules to import before anything is checked, so their components register (a user's own connector)
+    imports: list[str] = field(default_factory=list)
     source: str | None = field(default=None, metadata={"internal": True})
 
     def validate(self) -> None:
@@ -434,6 +436,7 @@ def load_recipe(
         raise ConfigError("", f"cannot resolve recipe: {e}", source) from None
     data = data or {}
     try:
+        _import_recipe_modules(data.get("imports"))
         if isinstance(data.get("model"), dict) and "reducer" in data["model"]:
             log.warning("%s: model.reducer is now model.merge + model.prune; converted", source or "recipe")
             data["model"] = upgrade_model_dict(data["model"])
@@ -443,6 +446,19 @@ def load_recipe(
         raise ConfigError(e.key, e.message, source) from None
     cfg.source = source
     return cfg
+
+
+def _import_recipe_modules(imports: Any) -> None:
+    """``imports: [my_pkg.my_connector, ...]``: imported first, so the components they register can be named."""
+    if imports is None:
+        return
+    if not isinstance(imports, list) or not all(isinstance(m, str) and m for m in imports):
+        raise ConfigError("imports", f"expected a list of module names, got {imports!r}")
+    for i, name in enumerate(imports):
+        try:
+            import_module(name, f"imports[{i}]")
+        except ImportError as e:
+            raise ConfigError(f"imports[{i}]", str(e).split(": ", 1)[1]) from None
 
 
 def _load_yaml(path: Path, seen: list[Path]) -> Any:

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from mmembed.config import iter_keys
+from mmembed.registry import component_module, import_module
 
 __all__ = [
     "save_model",
@@ -73,6 +74,21 @@ def _export_cfg(model: Any, directory: Path) -> dict[str, Any]:
     return cfg
 
 
+def _required_imports(model: Any) -> list[dict[str, str | None]]:
+    """The non-mmembed modules that define the model's components, with the distribution that ships each (plugins:
+    a ``mmembed.components`` entry point or a recipe's ``imports:``); loading imports them first."""
+    from importlib.metadata import packages_distributions
+
+    dists = packages_distributions()
+    out = []
+    for slot in (*_SLOTS, "backbone"):
+        module = component_module(getattr(model, slot, None)) if getattr(model, slot, None) is not None else None
+        if module and module not in [r["module"] for r in out]:
+            package = (dists.get(module.split(".")[0]) or [None])[0]
+            out.append({"module": module, "package": package})
+    return out
+
+
 def save_model(model: Any, directory: str | os.PathLike, card: str | None = None) -> Path:
     """Write ``model`` to ``directory`` atomically (temporary folder, then rename)."""
     from safetensors.torch import save_model as st_save
@@ -91,6 +107,7 @@ def save_model(model: Any, directory: str | os.PathLike, card: str | None = None
             "embed_dim": model.embed_dim,
             "prompts": dict(model.cfg.prompts),
             "similarity": "cosine" if model.cfg.normalize else "dot",
+            "imports": _required_imports(model),
             "versions": library_versions(),
             "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         }
@@ -137,6 +154,7 @@ def resolve_model_dir(directory: Path, trust_remote_code: bool = False) -> tuple
     meta = read_config(cfg_path)
     model_dict = dict(meta["model"])
     _check_no_download(model_dict, cfg_path, trust_remote_code)
+    _import_plugins(meta.get("imports") or [], cfg_path)
     backbone = dict(model_dict["backbone"])
     for key in _LOCAL_KEYS:
         value = backbone.get(key)
@@ -165,6 +183,21 @@ def read_config(cfg_path: Path) -> dict[str, Any]:
     if not isinstance(meta.get("model"), dict) or not isinstance(meta["model"].get("backbone"), dict):
         raise ModelDirError(f"{cfg_path}: 'model' must be an object with a 'backbone' object")
     return meta
+
+
+def _import_plugins(imports: list[Any], cfg_path: Path) -> None:
+    """Import the plugin modules the model was saved with; a missing one is named with the package to install."""
+    for req in imports:
+        if not isinstance(req, dict) or not isinstance(req.get("module"), str):
+            raise ModelDirError(f"{cfg_path}: 'imports' entries must be {{module, package}} objects, got {req!r}")
+        try:
+            import_module(req["module"], "imports")
+        except ImportError as e:
+            package = req.get("package") or req["module"].split(".")[0]
+            raise ModelDirError(
+                f"{cfg_path}: this model uses components from {req['module']!r}, which does not import here; "
+                f"install the package that provides it ({package}) or put it on PYTHONPATH ({e})"
+            ) from None
 
 
 def _check_no_download(model_dict: dict[str, Any], cfg_path: Path, trust_remote_code: bool) -> None:

@@ -10,14 +10,27 @@ is built (torchtune's ``config.validate`` idea).
 from __future__ import annotations
 
 import difflib
+import importlib
 import inspect
+import logging
 from collections.abc import Callable
+from importlib.metadata import entry_points
 from typing import Any
+
+log = logging.getLogger(__name__)
+
+#: Python entry-point group of third-party components: ``[project.entry-points."mmembed.components"]`` with
+#: ``name = "my_pkg.my_module"``; the module registers its components when imported, like the built-ins.
+ENTRY_POINT_GROUP = "mmembed.components"
 
 __all__ = [
     "Registry",
     "instantiate",
     "slot_args",
+    "load_plugins",
+    "component_module",
+    "import_module",
+    "ENTRY_POINT_GROUP",
     "VISION",
     "CONNECTORS",
     "MERGERS",
@@ -56,13 +69,18 @@ class Registry:
         return deco
 
     def names(self) -> list[str]:
+        load_plugins()
         return sorted(self._entries)
 
     def __contains__(self, name: object) -> bool:
+        if name not in self._entries:
+            load_plugins()
         return name in self._entries
 
     def get(self, name: str) -> Callable[..., Any]:
         """Return the builder registered as ``name``; a KeyError suggests the closest names."""
+        if name not in self._entries:
+            load_plugins()
         if name not in self._entries:
             raise KeyError(self.unknown_message(name))
         return self._entries[name]
@@ -118,6 +136,38 @@ ALL: dict[str, Registry] = {
     "fusion": FUSIONS,
     "loss": LOSSES,
 }
+
+
+_plugins_loaded = False
+
+
+def load_plugins() -> None:
+    """Import every module named in the ``mmembed.components`` entry points, once (lazily: on the first lookup of a
+    name the built-ins do not have). A plugin that fails to import is logged, not fatal: a recipe naming one of its
+    components then gets the usual "unknown component" error."""
+    global _plugins_loaded
+    if _plugins_loaded:
+        return
+    _plugins_loaded = True
+    for ep in entry_points(group=ENTRY_POINT_GROUP):
+        try:
+            importlib.import_module(ep.value.split(":")[0])
+        except Exception as e:  # noqa: BLE001 - a broken plugin must not break the built-ins
+            log.warning("mmembed plugin %r (%s) failed to import: %s", ep.name, ep.value, e)
+
+
+def component_module(obj: Any) -> str | None:
+    """The module that defines ``obj``'s class when it is not part of mmembed (what a saved model must import)."""
+    module = type(obj).__module__
+    return None if module.split(".")[0] == "mmembed" else module
+
+
+def import_module(name: str, key: str) -> None:
+    """Import a user's component module named by ``key``; the error says which module and what failed."""
+    try:
+        importlib.import_module(name)
+    except Exception as e:  # noqa: BLE001 - reported with the key that named it
+        raise ImportError(f"{key}: cannot import {name!r}: {type(e).__name__}: {e}") from e
 
 
 def slot_args(node: dict[str, Any] | None) -> dict[str, Any]:

@@ -100,7 +100,8 @@ def test_inference_path_never_imports_training_libraries(tiny_model, tmp_path):
     out = tiny_model.save(tmp_path / "m")
     code = (
         "import sys, mmembed; m = mmembed.load(sys.argv[1]); m.encode(texts=['a'], images=[None]); "
-        "bad = [k for k in ('deepspeed', 'webdataset', 'peft', 'mmembed.train') if k in sys.modules]; "
+        "bad = [k for k in ('deepspeed', 'webdataset', 'peft', 'mmembed.train', 'mmembed.data', 'mmembed.data.wds', "
+        "'mmembed.data.mixing', 'mmembed.data.manifest', 'mmembed.eval') if k in sys.modules]; "
         "print(bad); sys.exit(1 if bad else 0)"
     )
     proc = subprocess.run([sys.executable, "-c", code, str(out)], capture_output=True, text=True)

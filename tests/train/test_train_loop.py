@@ -155,7 +155,10 @@ def test_non_finite_loss_skips_the_step_and_stops_after_too_many(bad, max_bad, e
     records = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines()]
     steps = [r["step"] for r in records if not r.get("skipped_step")]  # steps that trained
     assert 2 not in steps and 3 not in steps and 1 in steps
-    assert [r["step"] for r in records if r.get("skipped_step")][:1] == [2]  # skipped steps are recorded too
+    skipped = [r for r in records if r.get("skipped_step")]  # skipped steps are recorded too, exactly so
+    assert [r["step"] for r in skipped][:2] == [2, 3]
+    assert all(r == {"step": r["step"], "skipped_step": True, "reason": "loss is nan"} for r in skipped)
+    assert all("loss" in r for r in records if not r.get("skipped_step"))
     if expect_rc == 0:
         assert steps == [1, 4, 5] and (out / "final").is_dir()
     else:
