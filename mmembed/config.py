@@ -150,6 +150,8 @@ class TrainCfg:
     max_bad_steps: int = 5
     deepspeed: str | None = None  # an explicit DeepSpeed JSON config; otherwise built from these keys
     export: bool = True  # write <output_dir>/final (full weights gathered, LoRA merged) when training ends
+    overwrite: bool = False  # with resume=none, remove an earlier run's files in output_dir instead of refusing
+    save_total_limit: int = 2  # keep the newest N complete checkpoints (0: keep all); never the one resumed from
 
     def validate(self, prefix: str = "train") -> None:
         _choice(f"{prefix}.optimizer", self.optimizer, ("adamw", "sgd"))
@@ -177,6 +179,7 @@ class TrainCfg:
             ("eval_every", 0, "(0: no eval during training)"),
             ("log_every", 1, ""),
             ("max_bad_steps", 1, ""),
+            ("save_total_limit", 0, "(0 keeps every checkpoint)"),
         ):
             _at_least(f"{prefix}.{key}", getattr(self, key), low, note)
         check_metric_name(f"{prefix}.eval_metric", self.eval_metric)
