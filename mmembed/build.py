@@ -82,6 +82,7 @@ def load(
     directory: str | os.PathLike,
     device: str | torch.device | None = None,
     trust_remote_code: bool = False,
+    dtype: str | torch.dtype | None = None,
 ) -> EmbeddingModel:
     """Load a saved model directory with no network access; weights are loaded strictly.
 
@@ -90,25 +91,65 @@ def load(
     fetched from the hub (hub ids and ``pretrained: true`` are refused, ``HF_HUB_OFFLINE`` is forced while
     building), and weights come from ``model.safetensors`` only. Older formats are upgraded on the fly.
 
+    Memory: the model is built with its parameters on the meta device (accelerate's ``init_empty_weights``; buffers
+    such as rotary frequencies are computed as usual) and the safetensors tensors become the parameters
+    (``load_state_dict(assign=True)``), read straight onto ``device``: about one copy of the weights at the peak,
+    no random initialization, the same values bit for bit.
+
     Args:
         directory: a folder written by :func:`mmembed.io.save_model`.
-        device: move the model there after loading.
+        device: where the weights go (``cpu`` by default, ``cuda``...).
         trust_remote_code: let transformers run Python code shipped with the directory's HF config.
+        dtype: cast floating-point weights (``bfloat16``, ``float16``, ``float32`` or a ``torch.dtype``); buffers the
+            model computes itself (rotary frequencies) keep theirs.
 
     Raises:
         FileNotFoundError: not a model directory.
         ModelDirError: a config that is not JSON, an unknown ``format_version``, a path that leaves the
             directory, a hub id, or a remote-code request without the caller's opt-in (names file and key).
     """
-    from safetensors.torch import load_model as st_load
+    from accelerate import init_empty_weights
+    from safetensors.torch import load_file
 
     directory = Path(directory)
     cfg_path, model_dict, weights = io.resolve_model_dir(directory, trust_remote_code)
     cfg = model_cfg_from_dict(model_dict, source=str(cfg_path))
-    with io.offline():
+    if isinstance(dtype, str) and dtype not in _DTYPES:
+        raise ValueError(f"dtype must be one of {', '.join(_DTYPES)}, got {dtype!r}")
+    cast = _DTYPES[dtype] if isinstance(dtype, str) else dtype
+    with io.offline(), init_empty_weights(include_buffers=False):
         model = build_from_cfg(cfg)
-    st_load(model, str(weights), strict=True)
+    aliases = _shared_parameters(model)
+    state = load_file(str(weights), device=str(device) if device is not None else "cpu")
+    if cast is not None:
+        state = {k: v.to(cast) if v.is_floating_point() else v for k, v in state.items()}
+    for alias, owner in aliases.items():  # tied weights are stored once
+        if owner in state:
+            state.setdefault(alias, state[owner])
+    model.load_state_dict(state, strict=True, assign=True)
+    for alias, owner in aliases.items():  # assign replaced one of the two: tie them again
+        _set(model, alias, model.get_parameter(owner))
     model.eval()
     if device is not None:
-        model.to(device)
+        model.to(device)  # the buffers built on the CPU
     return model
+
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def _shared_parameters(model: torch.nn.Module) -> dict[str, str]:
+    """``{alias: first name}`` of parameters registered under several names (tied embeddings)."""
+    seen: dict[int, str] = {}
+    out = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        if id(p) in seen:
+            out[name] = seen[id(p)]
+        else:
+            seen[id(p)] = name
+    return out
+
+
+def _set(model: torch.nn.Module, name: str, value: torch.nn.Parameter) -> None:
+    owner, _, attr = name.rpartition(".")
+    setattr(model.get_submodule(owner) if owner else model, attr, value)

@@ -106,3 +106,44 @@ def test_inference_path_never_imports_training_libraries(tiny_model, tmp_path):
     )
     proc = subprocess.run([sys.executable, "-c", code, str(out)], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+@pytest.mark.parametrize("recipe", ["composed.yaml", "qwen2vl.yaml", "late_fusion.yaml"])
+def test_meta_device_load_equals_the_plain_build_bit_for_bit(recipe, tmp_path):
+    """``mmembed.load`` builds on the meta device and assigns the safetensors tensors; the result must equal a
+    model built normally (random init) with the same weights copied in: every parameter and buffer, and encode."""
+    from safetensors.torch import load_model
+
+    from mmembed.build import build_from_cfg
+    from mmembed.config import model_cfg_from_dict
+    from mmembed.io import resolve_model_dir
+
+    torch.manual_seed(0)
+    out = mmembed.build_model(TINY_RECIPE.parent / recipe).save(tmp_path / "m")
+    fast = mmembed.load(out)
+    _, model_dict, weights = resolve_model_dir(out)
+    plain = build_from_cfg(model_cfg_from_dict(model_dict)).eval()
+    load_model(plain, str(weights), strict=True)
+    a, b = dict(fast.named_buffers()), dict(plain.named_buffers())
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), "buffers differ"
+    sa, sb = fast.state_dict(), plain.state_dict()
+    assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+    assert not any(p.is_meta for p in fast.parameters()) and not any(t.is_meta for t in fast.buffers())
+    texts, images = _inputs()
+    np.testing.assert_array_equal(fast.encode(texts=texts, images=images), plain.encode(texts=texts, images=images))
+    half = mmembed.load(out, dtype="bfloat16")
+    assert {p.dtype for p in half.parameters()} == {torch.bfloat16}
+    with pytest.raises(ValueError, match="dtype must be one of"):
+        mmembed.load(out, dtype="int3")
+
+
+def test_tied_parameters_are_found_and_retied():
+    from mmembed.build import _set, _shared_parameters
+
+    m = torch.nn.Sequential(torch.nn.Embedding(4, 3), torch.nn.Linear(3, 4, bias=False))
+    m[1].weight = m[0].weight
+    assert _shared_parameters(m) == {"1.weight": "0.weight"}
+    new = torch.nn.Parameter(torch.ones(4, 3))
+    _set(m, "0.weight", new)
+    _set(m, "1.weight", m.get_parameter("0.weight"))
+    assert m[1].weight is m[0].weight is new

@@ -64,8 +64,9 @@ class TimmEncoder(VisionEncoder):
             interpolation=cfg.get("interpolation", "bicubic"),
         )
         self.out_dim = int(self.model.num_features)
-        with torch.no_grad():  # the grid of any architecture, from one tiny dry run
-            probe = self.forward(torch.zeros(1, 3, self.image_size, self.image_size))
+        with torch.no_grad():  # the grid of any architecture, from one tiny dry run (on meta when loading a model)
+            device = next(self.model.parameters()).device
+            probe = self.forward(torch.zeros(1, 3, self.image_size, self.image_size, device=device))
         grid = getattr(pe, "grid_size", None)
         n = probe.shape[1]
         self._grid = tuple(int(g) for g in grid) if grid and grid[0] * grid[1] == n else _square(n)
