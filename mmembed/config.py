@@ -42,6 +42,9 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
+#: ``model.layout`` values: ``mmembed`` (docs/data.md, "Layout") and ``vlm2vec`` (VLM2Vec's own, docs/mmeb.md §1.3)
+LAYOUTS = ("mmembed", "vlm2vec")
+
 SLOTS = ("vision", "connector", "merge", "prune", "backbone", "pooler", "fusion")
 
 
@@ -68,6 +71,8 @@ class ModelCfg:
     max_images_per_input: int = 8
     max_pixels: int = 89_478_485  # PIL's default decompression-bomb limit, enforced before decoding
     prompts: dict[str, str] = field(default_factory=dict)  # named instructions, e.g. {query: "..."}
+    # how a row becomes a sequence: mmembed's own, or VLM2Vec's exact text layout, special tokens and positions
+    layout: str = "mmembed"
 
     def validate(self, prefix: str = "model") -> None:
         if not self.backbone:
@@ -78,6 +83,7 @@ class ModelCfg:
                 continue
             _check_slot(f"{prefix}.{slot}", node, ALL[slot])
         ALL["backbone"].get(self.backbone["type"]).check_slots(self, prefix)  # which slots this backbone takes
+        _choice(f"{prefix}.layout", self.layout, LAYOUTS)
         if self.padding_side not in ("left", "right"):
             raise ConfigError(f"{prefix}.padding_side", f"expected 'left' or 'right', got {self.padding_side!r}")
         if self.max_length < 2:
