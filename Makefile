@@ -12,6 +12,8 @@ $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade "pip>=23" "setuptools>=64"
 	$(BIN)/pip install -q $(TORCH_PINS) -e ".[train,eval,dev]"
+	@# DeepSpeed's CPU communication op, compiled once here rather than inside the first test's launch
+	$(BIN)/python -c "from deepspeed.ops.op_builder.cpu.comm import ShareMemCommBuilder as B; B().load(verbose=False)"
 	touch $(STAMP)
 
 install: $(STAMP)

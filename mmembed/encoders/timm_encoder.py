@@ -5,6 +5,7 @@ Ross Wightman, PyTorch Image Models, https://github.com/huggingface/pytorch-imag
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 import torch
@@ -64,9 +65,7 @@ class TimmEncoder(VisionEncoder):
             interpolation=cfg.get("interpolation", "bicubic"),
         )
         self.out_dim = int(self.model.num_features)
-        with torch.no_grad():  # the grid of any architecture, from one tiny dry run (on meta when loading a model)
-            device = next(self.model.parameters()).device
-            probe = self.forward(torch.zeros(1, 3, self.image_size, self.image_size, device=device))
+        probe = self._probe()
         grid = getattr(pe, "grid_size", None)
         n = probe.shape[1]
         self._grid = tuple(int(g) for g in grid) if grid and grid[0] * grid[1] == n else _square(n)
@@ -83,6 +82,23 @@ class TimmEncoder(VisionEncoder):
             return tokens_from_feature_map(x)
         x = tokens_from_feature_map(x)
         return x[:, self.num_prefix :] if x.ndim == 3 and self.num_prefix else x
+
+    @torch.no_grad()
+    def _probe(self) -> torch.Tensor:
+        """The (1, N, D) tokens of one blank image: the grid of any architecture from one dry run.
+
+        When loading a saved model the parameters sit on the meta device while buffers (batch-norm
+        statistics, position indices) are still real; a throwaway copy moved wholly to meta runs
+        the dry run without touching either.
+        """
+        x = torch.zeros(1, 3, self.image_size, self.image_size)
+        if next(self.model.parameters()).device.type != "meta":
+            return self.forward(x)
+        real, self.model = self.model, copy.deepcopy(self.model).to("meta")
+        try:
+            return self.forward(x.to("meta"))
+        finally:
+            self.model = real
 
     def grid(self) -> tuple[int, int]:
         return self._grid

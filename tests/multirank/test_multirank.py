@@ -68,8 +68,9 @@ def launch(script: str, name: str, out_dir: Path, extensions_dir: Path, timeout:
 
 
 @pytest.fixture(scope="module")
-def extensions_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tmp_path_factory.mktemp("torch_extensions")
+def extensions_dir(torch_extensions_dir: str) -> Path:
+    """The run's one DeepSpeed op cache (tests/conftest.py): the op compiles once, not once per module."""
+    return Path(torch_extensions_dir)
 
 
 def test_two_ranks_equal_one_rank_with_the_global_batch(tmp_path: Path, extensions_dir: Path) -> None:

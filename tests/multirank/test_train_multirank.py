@@ -25,8 +25,8 @@ TOL = 1e-5
 
 
 @pytest.fixture(scope="module")
-def extensions_dir(tmp_path_factory) -> Path:
-    return Path(os.environ.get("TORCH_EXTENSIONS_DIR") or tmp_path_factory.mktemp("torch_extensions"))
+def extensions_dir(torch_extensions_dir: str) -> Path:
+    return Path(torch_extensions_dir)
 
 
 def test_gradcache_in_the_training_loop_is_exact_on_zero_0_2_3(tmp_path, demo_data, extensions_dir, monkeypatch):
