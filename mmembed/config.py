@@ -246,7 +246,7 @@ _MERGE_KEYS = ("keep_ratio",)
 def upgrade_model_dict(model: dict[str, Any], key: str = "model") -> dict[str, Any]:
     """A format-1 model config (one ``reducer`` slot) in today's form: ``reducer: {type: aim | merge | prune}``
     becomes ``merge: {type: aim, keep_ratio}`` and/or ``prune: {type: aim, schedule, ...}`` (same arguments, same
-    behaviour). Configs without ``reducer`` come back unchanged."""
+    behaviour: pruning in the ``fast`` mode, rows removed). Configs without ``reducer`` come back unchanged."""
     if "reducer" not in model:
         return model
     out = {k: v for k, v in model.items() if k != "reducer"}
@@ -259,7 +259,8 @@ def upgrade_model_dict(model: dict[str, Any], key: str = "model") -> dict[str, A
     if kind in ("aim", "merge"):
         out["merge"] = {"type": "aim", **{k: v for k, v in args.items() if k in _MERGE_KEYS}}
     if kind in ("aim", "prune"):
-        out["prune"] = {"type": "aim", **{k: v for k, v in args.items() if k not in _MERGE_KEYS}}
+        # format 1 removed pruned rows: the ``fast`` mode, so a saved model keeps its numbers
+        out["prune"] = {"type": "aim", "mode": "fast", **{k: v for k, v in args.items() if k not in _MERGE_KEYS}}
     return out
 
 

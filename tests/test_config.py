@@ -126,7 +126,7 @@ def test_validate_accepts_the_boundaries(capsys):
 def test_a_format_1_reducer_in_a_recipe_becomes_merge_and_prune():
     cfg = load_recipe(TINY_RECIPE, ["model.reducer={type: aim, keep_ratio: 0.5, schedule: [0.5], step: 0.25}"])
     assert cfg.model.merge == {"type": "aim", "keep_ratio": 0.5}
-    assert cfg.model.prune == {"type": "aim", "schedule": [0.5], "step": 0.25}
+    assert cfg.model.prune == {"type": "aim", "mode": "fast", "schedule": [0.5], "step": 0.25}
     assert load_recipe(TINY_RECIPE, ["model.reducer={type: merge, keep_ratio: 0.5}"]).model.prune is None
     with pytest.raises(ConfigError, match="model.reducer"):
         load_recipe(TINY_RECIPE, ["model.reducer={type: tome}"])

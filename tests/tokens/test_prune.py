@@ -1,4 +1,4 @@
-"""Token pruning inside the LLM (AIM): keep-all equals the plain forward; pruned rows are really removed."""
+"""Token pruning inside the LLM (AIM): keep-all equals the plain forward; ``fast`` really removes pruned rows."""
 
 from __future__ import annotations
 
@@ -26,8 +26,10 @@ def test_keep_all_schedule_equals_the_unpruned_forward(impl):
     assert abs(a - b).max() <= 1e-5
 
 
-def test_pruning_removes_visual_rows_keeps_text_and_is_batch_and_padding_invariant():
-    spec = "model.prune={type: aim, schedule: [0.25]}"
+@pytest.mark.parametrize("mode", ["fast", "exact"])
+def test_pruning_removes_visual_rows_keeps_text_and_is_batch_and_padding_invariant(mode):
+    """``fast`` really removes the pruned rows; ``exact`` keeps them as rows (masked as keys, as the reference)."""
+    spec = f"model.prune={{type: aim, schedule: [0.25], mode: {mode}}}"
     model = build(spec, "model.pooler.type=mean")
     lengths = []
     hook = model.backbone.model.layers[1].register_forward_pre_hook(lambda m, a: lengths.append(a[0].shape[1]))
@@ -38,7 +40,8 @@ def test_pruning_removes_visual_rows_keeps_text_and_is_batch_and_padding_invaria
     kept = attn.bool()  # real tokens still present at the last layer
     hook.remove()
     length = batch["input_ids"].shape[1]
-    assert lengths == [length - 12]  # 16 visual rows -> 4 kept after layer 0; row 1 has none
+    # 16 visual rows -> 4 kept after layer 0; row 1 has none
+    assert lengths == ([length - 12] if mode == "fast" else [length])
     text = batch["attention_mask"].bool() & ~visual
     assert kept[text].all() and int(kept[0][visual[0]].sum()) == 4
     texts, images, instr = rows()
