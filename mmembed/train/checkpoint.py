@@ -14,6 +14,9 @@ explicit ``resume=PATH`` that fails stops with a :class:`CheckpointError` naming
 from before manifests existed are accepted with a warning after a structural check (``trainer_state.json``
 parses, ``state/`` holds non-empty torch files whose zip CRCs match). DeepSpeed's files are unpickled
 with the weights-only loader of :mod:`mmembed.train.safe_load`, so a checkpoint cannot run code.
+
+Rotation (``train.save_total_limit``) keeps the newest N complete checkpoints after each save, and never the one
+the run resumed from (the only state this run has proven loadable) nor the one just written.
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ __all__ = [
     "list_checkpoints",
     "verify_checkpoint",
     "clean_stale_temporaries",
+    "rotate_checkpoints",
     "CheckpointError",
     "UnsafeCheckpointError",
     "TAG",
@@ -243,9 +247,17 @@ def _space_problem(root: Path, tmp: Path) -> str | None:
 
 
 def save_checkpoint(
-    engine: Any, root: Path, step: int, state: dict[str, Any], skips: dict[str, Any], keep: int = 2
+    engine: Any,
+    root: Path,
+    step: int,
+    state: dict[str, Any],
+    skips: dict[str, Any],
+    keep: int = 2,
+    protect: Path | None = None,
 ) -> Path:
-    """Write checkpoint ``step_<step>`` atomically (collective: call on every rank).
+    """Write checkpoint ``step_<step>`` atomically (collective: call on every rank), then rotate: keep the
+    newest ``keep`` complete checkpoints (``train.save_total_limit``; 0 keeps all), the one just written and
+    ``protect`` (the checkpoint the run resumed from), see :func:`rotate_checkpoints`.
 
     Raises:
         CheckpointError: not enough free disk space for it (checked first), or writing failed (names the
@@ -285,10 +297,32 @@ def save_checkpoint(
         if final.exists():
             shutil.rmtree(final)
         tmp.rename(final)
-        for old in list_checkpoints(root)[:-keep] if keep > 0 else []:
-            shutil.rmtree(old, ignore_errors=True)
+        rotate_checkpoints(root, keep, protect=[final] + ([protect] if protect is not None else []))
     dist.barrier()
     return final
+
+
+def rotate_checkpoints(root: Path, keep: int, protect: list[Path] | None = None) -> list[Path]:
+    """Delete all but the newest ``keep`` complete checkpoints under ``root`` (by step; ``keep=0`` keeps all);
+    never one in ``protect``. Rank 0 only; returns what was removed.
+
+    Each one is first renamed to ``.tmp-step_<N>.deleting`` (a name :func:`list_checkpoints` never returns and
+    :func:`clean_stale_temporaries` removes), so a kill during the deletion cannot leave a folder that still
+    carries ``COMPLETE`` but misses files.
+    """
+    if keep <= 0:
+        return []
+    kept = {Path(p).resolve() for p in protect or []}
+    removed = []
+    for old in list_checkpoints(root)[:-keep]:
+        if old.resolve() in kept:
+            continue
+        doomed = old.with_name(f".tmp-{old.name}.deleting")
+        shutil.rmtree(doomed, ignore_errors=True)
+        old.rename(doomed)
+        shutil.rmtree(doomed, ignore_errors=True)
+        removed.append(old)
+    return removed
 
 
 def load_checkpoint(engine: Any, path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -315,7 +349,7 @@ def load_checkpoint(engine: Any, path: Path) -> tuple[dict[str, Any], dict[str, 
 
 def clean_stale_temporaries(output_dir: Path) -> list[Path]:
     """Remove what a killed run leaves behind (``.final.tmp-*``, ``.best.tmp-*`` from the model export,
-    ``checkpoints/.tmp-step_*`` from a checkpoint save). Call on rank 0 before anything is written.
+    ``checkpoints/.tmp-step_*`` from a checkpoint save or rotation). Call on rank 0 before anything is written.
 
     ``.final.old-*`` folders are kept on purpose: a kill between the two renames of an export leaves the
     previous model only there.

@@ -10,6 +10,8 @@ runs.
 from __future__ import annotations
 
 import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -37,12 +39,33 @@ def export_state(cfg: RecipeCfg, state: dict[str, torch.Tensor], out: Path) -> P
     return save_model(model.eval(), out)
 
 
-def export_engine(task: Any, cfg: RecipeCfg, out: Path) -> Path | None:
-    """Gather the training model's full weights (collective: every rank calls it) and export them on rank 0."""
+def export_engine(task: Any, cfg: RecipeCfg, out: Path, report: Callable[[str], None] | None = None) -> Path | None:
+    """Gather the training model's full weights (collective: every rank calls it) and export them on rank 0.
+
+    Rank 0 reports one line, ``exported runs/demo/final (2.1 MB) in 0.8s``, through ``report`` (the training
+    loop passes its logger, so a progress bar is not broken) or on stderr.
+    """
+    start = time.perf_counter()
     state = gathered_state_dict(task.model)
     path = export_state(cfg, state, out) if dist.get_rank() == 0 else None
+    if path is not None:
+        size = sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file())
+        line = f"exported {path} ({_size(size)}) in {time.perf_counter() - start:.1f}s"
+        (report or (lambda text: print(text, file=sys.stderr, flush=True)))(line)
     dist.barrier()
     return path
+
+
+def _size(n: int) -> str:
+    """``512 B``, ``3.4 KB``, ``2.1 MB``, ``1.3 GB`` (powers of 1000, as file managers show them)."""
+    if n < 1000:
+        return f"{n} B"
+    value, unit = n / 1000, "KB"
+    for bigger in ("MB", "GB"):
+        if value < 1000:
+            break
+        value, unit = value / 1000, bigger
+    return f"{value:.1f} {unit}"
 
 
 def consolidated_state_dict(checkpoint: Path) -> dict[str, torch.Tensor]:

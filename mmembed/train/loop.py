@@ -3,6 +3,10 @@
 build model, loss, data -> ``deepspeed.initialize`` -> resume -> for each step: fetch the batch,
 forward (or GradCache), one optimizer step, checkpoint, evaluate, log -> export ``final/``.
 
+A new run (``train.resume=none``) refuses an output folder holding an earlier run unless
+``train.overwrite=true``; ``train.resume=auto`` continues it. ``train.save_total_limit`` checkpoints are kept, and
+never the one the run resumed from. ``loss.png`` is rewritten at every evaluation and at the end.
+
 The checkpoint is written before the evaluation and a failing evaluation is logged (``eval/error``)
 and survives: a broken held-out image must not cost the run. A skipped step (non-finite loss) is
 recorded in ``metrics.jsonl`` too (``skipped_step``).
@@ -18,6 +22,7 @@ from __future__ import annotations
 
 import functools
 import json
+import shutil
 import sys
 import time
 from dataclasses import dataclass, field
@@ -64,14 +69,30 @@ class TrainResult:
 
 
 def train(cfg: RecipeCfg) -> TrainResult:
-    """Train ``cfg`` (a validated recipe) and export ``<output_dir>/final``."""
+    """Train ``cfg`` (a validated recipe) and export ``<output_dir>/final``.
+
+    One run per ``train.output_dir``: with ``train.resume=none`` a folder that already holds a run (checkpoints,
+    a non-empty ``metrics.jsonl``, ``final/`` or ``best/``) is refused with a :class:`ConfigError` before anything
+    is built, unless ``train.overwrite=true``, which removes that run's files first (:data:`RUN_FILES`).
+
+    Raises:
+        ConfigError: the folder holds an earlier run, or impossible settings (DeepSpeed JSON, stages).
+    """
+    t = cfg.train
+    out = Path(t.output_dir)
+    # every rank, before DeepSpeed is imported (its import logs) or the process group exists: no rank can have
+    # written anything yet, so all of them see the same folder
+    earlier = _check_output_dir(cfg, out)
+    ds_config = _deepspeed_config(cfg)  # settings errors surface before anything is built
     import deepspeed
 
-    t = cfg.train
-    ds_config = _deepspeed_config(cfg)  # settings errors surface before anything is built
     init_distributed()
     rank, world = dist.get_rank(), dist.get_world_size()
-    out = Path(t.output_dir)
+    if earlier and t.overwrite and _starts_over(t.resume):
+        if rank == 0:
+            removed = _remove_earlier_run(out)
+            print(f"train.overwrite=true: removed the earlier run in {out} ({', '.join(removed)})", file=sys.stderr)
+        dist.barrier()  # no rank writes into the folder before the old run is gone
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         _write_run_info(cfg, out)
@@ -119,9 +140,13 @@ def train(cfg: RecipeCfg) -> TrainResult:
         task_meta = read_task_meta(cfg.data.eval)
     if t.zero_stage == 3:  # ranks must run the same modules in every forward, eval included
         model.uniform_modules = True
-    logger = MetricsLogger(out, start_step, t.max_steps, enabled=rank == 0)
+    logger = MetricsLogger(out, start_step, t.max_steps, enabled=rank == 0, log_every=t.log_every)
     if resume_from is not None:
         logger.message(f"resumed from {resume_from} at step {start_step}")
+    if earlier and t.overwrite and not _starts_over(t.resume):
+        logger.message(f"train.overwrite=true is ignored: train.resume={t.resume} continues the run in {out}")
+    save = functools.partial(_save, engine, out, loader=loader, cfg=cfg, protect=resume_from)
+    export = functools.partial(export_engine, task, cfg, report=logger.message)
 
     # 3. the loop
     losses: list[float] = []
@@ -167,11 +192,13 @@ def train(cfg: RecipeCfg) -> TrainResult:
         }
         tick = now
         losses.append(float(loss))
+        logger.show(record)  # the progress line now; the record, with this step's eval scores, is logged below
         # the checkpoint comes first: whatever the evaluation does, this step's state is on disk
         if t.save_every and (done % t.save_every == 0 or done == t.max_steps):
-            _save(engine, out, done, loader, cfg, best)
+            save(done, best=best)
             tick = time.perf_counter()
-        if t.eval_every and eval_sets and (done % t.eval_every == 0 or done == t.max_steps):
+        evaluated = bool(t.eval_every and eval_sets and (done % t.eval_every == 0 or done == t.max_steps))
+        if evaluated:
             scores, error = _safe_eval(model, eval_sets, t.eval_metric, task_meta)
             if error is not None:
                 record["eval/error"] = error
@@ -179,24 +206,32 @@ def train(cfg: RecipeCfg) -> TrainResult:
             else:
                 last_eval = scores
                 record.update(scores["flat"])
+                # the chance level beside each hit@1, so loss.png (and any reader) can draw it from the log alone
+                record.update({f"eval/{k}/chance": v["chance"] for k, v in scores["datasets"].items() if "chance" in v})
                 logger.message(_eval_line(done, scores))
                 if scores["selection"]["value"] > best:  # keep the best model by train.eval_metric
                     best = scores["selection"]["value"]
-                    export_engine(task, cfg, out / "best")
+                    export(out / "best")
                     if rank == 0:
                         (out / "best" / "selection.json").write_text(json.dumps({"step": done, **scores["selection"]}))
+        logger.log(record, show=False)
+        if evaluated:
+            if rank == 0:  # at every evaluation, so a run that dies later still has its curve
+                _plot(out, logger)
             tick = time.perf_counter()
-        logger.log(record)
 
     # 4. final checkpoint and export
     if t.save_every and steps_done and not (out / "checkpoints" / f"step_{steps_done}").exists():
-        _save(engine, out, steps_done, loader, cfg, best)
-    final = export_engine(task, cfg, out / "final") if t.export else None
+        save(steps_done, best=best)
+    final = export(out / "final") if t.export else None
+    if rank == 0:
+        _plot(out, logger)
+        if t.save_every and resume_from is not None:
+            # the run finished with newer complete checkpoints: the one it resumed from is no longer kept aside
+            ckpt.rotate_checkpoints(out / "checkpoints", t.save_total_limit)
     logger.close()
     if rank == 0:
         print(loader.skips.summary())
-        if (out / "metrics.jsonl").exists():
-            plot_loss(out / "metrics.jsonl", out / "loss.png")
     dist.barrier()
     return TrainResult(out, final, steps_done, losses, last_eval, _global_skips(loader.skips))
 
@@ -308,7 +343,9 @@ def _global_skips(skips: SkipCounter) -> int:
     return int(dist.all_reduce_sum(n).item())
 
 
-def _save(engine: Any, out: Path, step: int, loader: Any, cfg: RecipeCfg, best: float) -> None:
+def _save(engine: Any, out: Path, step: int, *, loader: Any, cfg: RecipeCfg, best: float, protect: Path | None) -> None:
+    """Checkpoint ``step``; rotation keeps ``train.save_total_limit`` of them and never ``protect`` (the checkpoint
+    the run resumed from: the only state this run has proven loadable)."""
     state = {
         "step": step,
         "data": loader.state_dict(),
@@ -316,7 +353,75 @@ def _save(engine: Any, out: Path, step: int, loader: Any, cfg: RecipeCfg, best: 
         "world_size": dist.get_world_size(),
         "best_metric": best,
     }
-    ckpt.save_checkpoint(engine, out / "checkpoints", step, state, loader.skips.to_dict())
+    ckpt.save_checkpoint(
+        engine,
+        out / "checkpoints",
+        step,
+        state,
+        loader.skips.to_dict(),
+        keep=cfg.train.save_total_limit,
+        protect=protect,
+    )
+
+
+def _plot(out: Path, logger: MetricsLogger) -> None:
+    """Rewrite ``loss.png`` (rank 0); a plotting problem is reported, never fatal."""
+    if not (out / "metrics.jsonl").exists():
+        return
+    try:
+        plot_loss(out / "metrics.jsonl", out / "loss.png")
+    except Exception as e:  # matplotlib or a damaged log: the run itself is fine
+        logger.message(f"loss.png not written: {type(e).__name__}: {e}")
+
+
+# what a run leaves in its output_dir; train.overwrite=true removes exactly these (other files are the user's)
+RUN_FILES = ("checkpoints", "metrics.jsonl", "best", "final", "loss.png", "tensorboard", "config.yaml", "versions.json")
+
+
+def _starts_over(resume: str) -> bool:
+    return resume in ("none", "")
+
+
+def _earlier_run(out: Path) -> list[str]:
+    """What in ``out`` shows that a run already trained there: a ``checkpoints/step_*``, a non-empty
+    ``metrics.jsonl``, ``final/`` or ``best/`` (``config.yaml`` alone is what a run that failed to start leaves)."""
+    found = []
+    if any(p.is_dir() for p in (out / "checkpoints").glob("step_*")):
+        found.append("checkpoints/")
+    metrics = out / "metrics.jsonl"
+    if metrics.is_file() and metrics.stat().st_size > 0:
+        found.append("metrics.jsonl")
+    found += [f"{name}/" for name in ("final", "best") if (out / name).exists()]
+    return found
+
+
+def _check_output_dir(cfg: RecipeCfg, out: Path) -> list[str]:
+    """Refuse to start a new run (``train.resume=none``) over an earlier one unless ``train.overwrite=true``:
+    it would truncate that run's ``metrics.jsonl`` and leave its checkpoints beside the new ones, where a later
+    ``resume=auto`` would pick them. Returns what was found (for the removal and the notes)."""
+    found = _earlier_run(out) if out.is_dir() else []
+    if found and _starts_over(cfg.train.resume) and not cfg.train.overwrite:
+        raise ConfigError(
+            "train.output_dir",
+            f"{out} already holds an earlier run ({', '.join(found)}); continue it with train.resume=auto "
+            f"or start over with train.overwrite=true (removes that run's files)",
+            cfg.source,
+        )
+    return found
+
+
+def _remove_earlier_run(out: Path) -> list[str]:
+    """Delete the earlier run's files (rank 0, for ``train.overwrite=true``); returns the names removed."""
+    removed = []
+    # .final.old-*/.best.old-* hold an earlier model after a kill mid-export: also the old run's, so also gone
+    for path in [*(out / n for n in RUN_FILES), *out.glob(".final.old-*"), *out.glob(".best.old-*")]:
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+            removed.append(f"{path.name}/")
+        elif path.exists() or path.is_symlink():
+            path.unlink()
+            removed.append(path.name)
+    return removed
 
 
 def _eval_line(step: int, scores: dict[str, Any]) -> str:
