@@ -7,6 +7,7 @@
   (row indices, dimension). Parts are written as they are encoded (array first, then its JSON, both
   renamed into place), so a run killed half-way leaves complete parts and a rerun encodes only the
   rest. No pickle: arrays are read with ``allow_pickle=False``. VLM2Vec ``eval.py`` caches pickles.
+  The cache and the fingerprints live in :mod:`mmembed.eval.cache` (re-exported here).
 - **Sharding.** Under ``torchrun``/``deepspeed`` each block of missing rows is split into equal,
   contiguous shares (padded by repeating a row, so every rank runs the same number of forwards, which
   ZeRO-3 requires); shares are gathered with :func:`mmembed.dist.all_gather_object`. Rank 0 writes the
@@ -16,12 +17,9 @@
 from __future__ import annotations
 
 import hashlib
-import json
 import os
-import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -31,6 +29,7 @@ from mmembed.data.dataset import decode_side
 from mmembed.data.formats import EvalExample
 from mmembed.data.sample import Side
 from mmembed.data.skips import BadSample
+from mmembed.eval.cache import EmbeddingCache, dir_fingerprint, model_fingerprint
 
 __all__ = ["side_key", "Plan", "plan_dataset", "EmbeddingCache", "encode_plan", "dir_fingerprint", "model_fingerprint"]
 
@@ -120,110 +119,6 @@ def plan_dataset(name: str, examples: Sequence[EvalExample]) -> Plan:
 
 
 # ----------------------------------------------------------------------------------------------
-# fingerprints
-
-
-def _hash_file(h: Any, path: Path) -> None:
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-
-
-def dir_fingerprint(
-    directory: str | os.PathLike, files: Sequence[str] = ("model.safetensors", "mmembed_config.json")
-) -> str:
-    """Hash of a saved model directory's weights and config (32 hex digits)."""
-    h = hashlib.blake2b(digest_size=16)
-    for name in files:
-        p = Path(directory) / name
-        if p.is_file():
-            h.update(name.encode())
-            _hash_file(h, p)
-    return h.hexdigest()
-
-
-def model_fingerprint(model: Any) -> str:
-    """``model.fingerprint`` when set (loaded models), else a hash of the state dict (in-memory models)."""
-    fp = getattr(model, "fingerprint", None)
-    if isinstance(fp, str) and fp:
-        return fp
-    state = getattr(model, "state_dict", None)
-    if state is None:
-        raise ValueError(f"cannot fingerprint a {type(model).__name__}: give it a 'fingerprint' attribute")
-    h = hashlib.blake2b(digest_size=16)
-    for k, v in state().items():
-        h.update(k.encode())
-        h.update(v.detach().float().cpu().numpy().tobytes())
-    return h.hexdigest()
-
-
-# ----------------------------------------------------------------------------------------------
-# cache
-
-
-def _safe(name: str) -> str:
-    return "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
-
-
-class EmbeddingCache:
-    """Embeddings on disk as ``.npy`` parts with JSON indices, keyed by model and data fingerprints."""
-
-    def __init__(self, root: str | os.PathLike, model_fp: str) -> None:
-        self.root = Path(root) / model_fp[:32]
-        self.model_fp = model_fp
-
-    def folder(self, plan: Plan) -> Path:
-        return self.root / f"{_safe(plan.name)}-{plan.fingerprint[:16]}"
-
-    def load(self, plan: Plan, dim: int | None = None) -> tuple[np.ndarray | None, np.ndarray]:
-        """Cached rows of ``plan``: ``(emb (U, D) or None, have (U,) bool)``.
-
-        Raises:
-            ValueError: a part whose dimension differs from ``dim`` or from the other parts, or whose
-                indices do not fit the dataset, naming the dataset and the part file.
-        """
-        n = len(plan.sides)
-        have = np.zeros(n, dtype=bool)
-        emb = None
-        folder = self.folder(plan)
-        for meta_path in sorted(folder.glob("part-*.json")) if folder.is_dir() else []:
-            arr_path = meta_path.with_suffix(".npy")
-            meta = json.loads(meta_path.read_text())
-            arr = np.load(arr_path, allow_pickle=False)
-            idx = np.asarray(meta["indices"], dtype=np.int64)
-            where = f"embedding cache of eval set '{plan.name}' ({arr_path})"
-            if arr.ndim != 2 or arr.shape[0] != idx.size:
-                raise ValueError(f"{where}: {arr.shape} array for {idx.size} rows; delete the folder to re-encode")
-            if idx.size and (idx.min() < 0 or idx.max() >= n):
-                raise ValueError(f"{where}: row index {int(idx.max())} out of range for {n} inputs")
-            want = dim if dim is not None else (emb.shape[1] if emb is not None else arr.shape[1])
-            if arr.shape[1] != want:
-                raise ValueError(
-                    f"{where}: embedding dimension {arr.shape[1]} but the model gives {want}; "
-                    f"the cache belongs to another model: delete {folder} to re-encode"
-                )
-            if emb is None:
-                emb = np.zeros((n, arr.shape[1]), dtype=np.float32)
-            emb[idx] = arr
-            have[idx] = True
-        return emb, have
-
-    def write(self, plan: Plan, indices: np.ndarray, emb: np.ndarray) -> None:
-        """Add one part (atomic: temporary names, array before its JSON)."""
-        folder = self.folder(plan)
-        folder.mkdir(parents=True, exist_ok=True)
-        stem = f"part-{int(indices[0]):08d}-{uuid.uuid4().hex[:8]}"
-        tmp = folder / f".{stem}.tmp.npy"
-        np.save(tmp, np.ascontiguousarray(emb, dtype=np.float32), allow_pickle=False)
-        os.replace(tmp, folder / f"{stem}.npy")
-        meta = {"dataset": plan.name, "indices": [int(i) for i in indices], "dim": int(emb.shape[1])}
-        meta.update(model=self.model_fp, data=plan.fingerprint)
-        tmp_json = folder / f".{stem}.tmp.json"
-        tmp_json.write_text(json.dumps(meta))
-        os.replace(tmp_json, folder / f"{stem}.json")
-
-
-# ----------------------------------------------------------------------------------------------
 # encoding
 
 
@@ -254,12 +149,17 @@ def _identity(x: Any) -> Any:
 
 
 def _encode_sides(
-    model: Any, sides: Sequence[Side], batch_size: int, num_workers: int, group: int = 256
+    model: Any,
+    sides: Sequence[Side],
+    batch_size: int,
+    num_workers: int,
+    group: int = 256,
+    on_rows: Callable[[int], None] | None = None,
 ) -> tuple[np.ndarray, dict[int, str]]:
     """``(len(sides), D)`` embeddings (rows of unreadable inputs are 0) and ``{position: reason}`` of those.
 
     Images are decoded ``group`` rows at a time (in ``num_workers`` DataLoader workers when > 0), so memory holds
-    one group of decoded images, never the whole block."""
+    one group of decoded images, never the whole block. ``on_rows(k)`` is called after each group of ``k`` rows."""
     max_pixels = getattr(getattr(model, "processor", None), "max_pixels", None)
     decoder = _Decode(sides, max_pixels)
     items: Any = (decoder[i] for i in range(len(sides)))
@@ -274,6 +174,8 @@ def _encode_sides(
         good = [j for j, (side, _) in enumerate(chunk) if side is not None]
         bad.update({start + j: reason for j, (side, reason) in enumerate(chunk) if side is None})
         if not good:
+            if on_rows is not None:
+                on_rows(len(chunk))
             continue
         emb = model.encode(
             texts=[chunk[j][0].text for j in good],
@@ -286,6 +188,8 @@ def _encode_sides(
         if out is None:
             out = np.zeros((len(sides), emb.shape[1]), dtype=np.float32)
         out[[start + j for j in good]] = emb
+        if on_rows is not None:
+            on_rows(len(chunk))
     return (out if out is not None else np.zeros((len(sides), 0), dtype=np.float32)), bad
 
 
@@ -298,11 +202,15 @@ def encode_plan(
     cache: EmbeddingCache | None = None,
     block_rows: int = 1024,
     dim: int | None = None,
+    progress: Callable[[int], Any] | None = None,
 ) -> tuple[np.ndarray, dict[str, int]]:
     """Embeddings of every unique input of ``plan``: ``(U, D)`` float32; rows of missing inputs are 0.
 
     Collective under a process group: every rank must call it with the same plan. Returns the
     embeddings (identical on every rank) and ``{"encoded", "cached", "missing"}`` row counts.
+    ``progress(total)``, when given, is called once with the number of inputs to encode and returns an
+    object with ``update(n)`` and ``close()`` (a :class:`mmembed.progress.Progress`); it counts inputs
+    of every rank (rank 0's share times the world size, exact at the end of each block).
     """
     n = len(plan.sides)
     cached, have, error = None, np.zeros(n, dtype=bool), None
@@ -316,6 +224,44 @@ def encode_plan(
         raise ValueError(error)
     todo = np.nonzero(~have & ~plan.missing)[0]
     stats = {"encoded": int(todo.size), "cached": int(have.sum()), "missing": int(plan.missing.sum())}
+    bar = progress(int(todo.size)) if progress is not None else None
+    try:
+        parts, unreadable = _encode_blocks(model, plan, todo, batch_size, num_workers, cache, block_rows, dim, bar)
+    finally:
+        if bar is not None:
+            bar.close()
+    if parts:
+        dim = dim or parts[0][1].shape[1]
+    _mark_unreadable(plan, unreadable)
+    if dist.get_world_size() > 1 and cache is not None:
+        cached = dist.broadcast_object(cached)
+    d = dim or (cached.shape[1] if cached is not None else None)
+    if d is None:  # every input has a missing or unreadable image
+        return np.zeros((n, 1), dtype=np.float32), stats
+    full = np.zeros((n, d), dtype=np.float32)
+    if cached is not None:
+        if cached.shape[1] != d:
+            raise ValueError(
+                f"embedding cache of eval set '{plan.name}': dimension {cached.shape[1]} but the model gives {d}"
+            )
+        full[have] = cached[have]
+    for idx, emb in parts:
+        full[idx] = emb
+    return full, stats
+
+
+def _encode_blocks(
+    model: Any,
+    plan: Plan,
+    todo: np.ndarray,
+    batch_size: int,
+    num_workers: int,
+    cache: EmbeddingCache | None,
+    block_rows: int,
+    dim: int | None,
+    bar: Any,
+) -> tuple[list[tuple[np.ndarray, np.ndarray]], dict[int, str]]:
+    """Encode the inputs ``todo`` block by block (sharded over ranks, cached on rank 0): ``(parts, unreadable)``."""
     world, rank = dist.get_world_size(), dist.get_rank()
     parts: list[tuple[np.ndarray, np.ndarray]] = []
     unreadable: dict[int, str] = {}
@@ -327,8 +273,16 @@ def encode_plan(
         real = mine.size
         if real < share:  # equal forwards on every rank: pad with a repeat of the block's first row
             mine = np.concatenate([mine, np.full(share - real, block[0])])
+        credited = [0]
+
+        def tick(k: int, block_size: int = int(block.size), credited: list[int] = credited) -> None:
+            add = min(k * world, block_size - credited[0])
+            if add > 0 and bar is not None:
+                bar.update(add)
+                credited[0] += add
+
         try:
-            out, bad = _encode_sides(model, [plan.sides[i] for i in mine], batch_size, num_workers)
+            out, bad = _encode_sides(model, [plan.sides[i] for i in mine], batch_size, num_workers, on_rows=tick)
             out, bad, error = out[:real], {int(mine[j]): r for j, r in bad.items() if j < real}, None
         except Exception as e:  # noqa: BLE001 - re-raised on every rank after the gather
             if world == 1:
@@ -339,6 +293,8 @@ def encode_plan(
         errors = [g[2] for g in gathered if g[2]]
         if errors:
             raise RuntimeError(errors[0])
+        if bar is not None and block.size > credited[0]:
+            bar.update(int(block.size) - credited[0])
         for g in gathered:
             unreadable.update(g[3])
         idx = np.concatenate([g[0] for g in gathered])
@@ -355,25 +311,7 @@ def encode_plan(
         if cache is not None and dist.is_main_process():
             cache.write(plan, idx, emb)
         parts.append((idx, emb))
-    _mark_unreadable(plan, unreadable)
-    if dist.get_world_size() > 1 and cache is not None:
-        cached = dist.broadcast_object(cached)
-    d = dim or (cached.shape[1] if cached is not None else None)
-    if d is None:
-        if parts:
-            d = parts[0][1].shape[1]
-        else:  # every input has a missing or unreadable image
-            return np.zeros((n, 1), dtype=np.float32), stats
-    full = np.zeros((n, d), dtype=np.float32)
-    if cached is not None:
-        if cached.shape[1] != d:
-            raise ValueError(
-                f"embedding cache of eval set '{plan.name}': dimension {cached.shape[1]} but the model gives {d}"
-            )
-        full[have] = cached[have]
-    for idx, emb in parts:
-        full[idx] = emb
-    return full, stats
+    return parts, unreadable
 
 
 def _mark_unreadable(plan: Plan, unreadable: dict[int, str]) -> None:

@@ -13,14 +13,18 @@
 The image placeholder is the empty string, so MMEB's ``<|image_1|>`` markers are simply removed.
 Spec strings for :func:`load_openclip` and ``mmembed eval``: ``openclip:ARCH[:PRETRAINED]`` where
 ARCH is an open_clip architecture name or a path to an open_clip model-config JSON, and PRETRAINED
-an open_clip pretrained tag or a local weights file (without it the weights are random, seed 0).
+an open_clip pretrained tag or a local weights file (without it the weights are random, seed 0, and the
+output and ``scores.md`` say so); weights that cannot be downloaded (offline) are a one-line error.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import logging
 import os
-from collections.abc import Sequence
+import sys
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +32,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from mmembed import dist
 from mmembed.data.sample import ImageRef
 from mmembed.images import load_image
 
@@ -57,6 +62,8 @@ class OpenClipEncoder:
         self.preprocess, self.tokenizer, self.name = preprocess, tokenizer, name
         self.processor = _Proc()
         self.fingerprint = fingerprint or self._hash_weights()
+        self.random_weights = False  # set by load_openclip for ARCH without a pretrained tag
+        self.warnings: list[str] = []  # lines the report repeats (scores.md, scores.json)
 
     def _hash_weights(self) -> str:
         h = hashlib.blake2b(self.name.encode(), digest_size=16)
@@ -130,7 +137,15 @@ class OpenClipEncoder:
 
 
 def load_openclip(spec: str, device: str | None = None) -> OpenClipEncoder:
-    """``openclip:ARCH[:PRETRAINED]`` -> :class:`OpenClipEncoder` (offline when the weights are local)."""
+    """``openclip:ARCH[:PRETRAINED]`` -> :class:`OpenClipEncoder` (offline when the weights are local).
+
+    Without PRETRAINED the weights are random (seeded): a warning line says so, and the encoder's ``warnings``
+    carry it into ``scores.md``.
+
+    Raises:
+        ValueError: an unknown architecture or pretrained tag, or weights that could not be downloaded (no
+            network, ``HF_HUB_OFFLINE=1`` with an empty cache): one line naming ``spec``.
+    """
     import open_clip
 
     body = spec[len(PREFIX) :] if spec.startswith(PREFIX) else spec
@@ -142,10 +157,26 @@ def load_openclip(spec: str, device: str | None = None) -> OpenClipEncoder:
         arch = Path(arch).stem
     if arch not in open_clip.list_models():
         raise ValueError(f"unknown open_clip architecture {arch!r} (see open_clip.list_models())")
+    if pretrained and not os.path.isfile(pretrained) and not open_clip.get_pretrained_cfg(arch, pretrained):
+        tags = ", ".join(open_clip.list_pretrained_tags_by_model(arch)) or "none"
+        raise ValueError(
+            f"{PREFIX}{body}: {pretrained!r} is neither a pretrained tag of {arch} (known: {tags}) nor a weights file"
+        )
     torch.manual_seed(0)  # random-init baselines are reproducible
-    model, _, preprocess = open_clip.create_model_and_transforms(
-        arch, pretrained=pretrained or None, device=device or "cpu"
-    )
+    try:
+        with _quiet_open_clip_errors():
+            model, _, preprocess = open_clip.create_model_and_transforms(
+                arch, pretrained=pretrained or None, device=device or "cpu"
+            )
+    except RuntimeError as e:
+        if not pretrained or os.path.isfile(pretrained):
+            raise
+        reason = " ".join(str(e).split())
+        reason = reason if len(reason) <= 300 else reason[:300] + "..."
+        raise ValueError(
+            f"{PREFIX}{body}: the pretrained weights {pretrained!r} of {arch} could not be downloaded, nor found in "
+            f"the local Hugging Face cache (offline: HF_HUB_OFFLINE=1 or no network?): {reason}"
+        ) from None
     tokenizer = open_clip.get_tokenizer(arch)
     fp = None
     if pretrained and os.path.isfile(pretrained):
@@ -155,4 +186,32 @@ def load_openclip(spec: str, device: str | None = None) -> OpenClipEncoder:
             for block in iter(lambda: f.read(1 << 22), b""):
                 h.update(block)
         fp = h.hexdigest()
-    return OpenClipEncoder(model, preprocess, tokenizer, name=f"{PREFIX}{body}", fingerprint=fp)
+    enc = OpenClipEncoder(model, preprocess, tokenizer, name=f"{PREFIX}{body}", fingerprint=fp)
+    enc.random_weights = not pretrained
+    if not pretrained:
+        tags = open_clip.list_pretrained_tags_by_model(arch)
+        example = f" (e.g. {PREFIX}{arch}:{tags[0]})" if tags else ""
+        warning = (
+            f"warning: {PREFIX}{body} has no pretrained tag: its weights are RANDOM (seeded init), so this is a "
+            f"random-weights baseline, not CLIP; give {PREFIX}ARCH:TAG or a weights file{example}"
+        )
+        enc.warnings.append(warning)
+        dist.print0(warning, file=sys.stderr)
+    return enc
+
+
+class _DropRecords(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.levelno >= logging.ERROR and "open_clip" in record.pathname)
+
+
+@contextlib.contextmanager
+def _quiet_open_clip_errors() -> Iterator[None]:
+    """open_clip logs its download failures on the root logger before raising; the error we raise says it once."""
+    f = _DropRecords()
+    root = logging.getLogger()
+    root.addFilter(f)
+    try:
+        yield
+    finally:
+        root.removeFilter(f)

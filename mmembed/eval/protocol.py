@@ -13,13 +13,16 @@ Rules that make the number independent of how it is run (VLM2Vec issue #130):
 - every distinct input is encoded once, independently of batch composition; scores within
   ``TIE_TOL`` count as tied;
 - a row with a missing image file is a miss (0 on every metric) and stays in the denominator
-  (``missing_images`` counts them); its missing image is never encoded.
+  (``missing_images`` counts them, a warning names the first); its missing image is never encoded;
+- but a dataset whose every image row has a missing or unreadable image is an error
+  (:mod:`mmembed.eval.checks`): a forgotten ``--image-root`` must not read as a score.
 """
 
 from __future__ import annotations
 
 import sys
-from collections.abc import Collection, Sequence
+import time
+from collections.abc import Callable, Collection, Sequence
 from typing import Any
 
 import numpy as np
@@ -27,13 +30,16 @@ import numpy as np
 from mmembed import dist
 from mmembed.data.formats import EvalExample
 from mmembed.data.skips import BadSample
+from mmembed.eval.checks import check_missing, check_unreadable
 from mmembed.eval.embed import EmbeddingCache, Plan, encode_plan, plan_dataset, side_key
+from mmembed.eval.examples import Confusion, example_view, margin_of, select_rows
 from mmembed.eval.metrics import TIE_TOL, ranking_metrics
 from mmembed.eval.tasks import META_TASKS, task_info
 from mmembed.images import ImageError
+from mmembed.progress import Progress
 from mmembed.types import InputError
 
-__all__ = ["evaluate", "hit_at_1", "side_key", "score_plan", "aggregate", "select_metric"]
+__all__ = ["evaluate", "hit_at_1", "side_key", "score_plan", "aggregate", "select_metric", "NOT_METRICS", "RUN_INFO"]
 
 
 def hit_at_1(scores: np.ndarray, positive: int = 0) -> float:
@@ -44,10 +50,6 @@ def hit_at_1(scores: np.ndarray, positive: int = 0) -> float:
     return 1.0 / float((scores == pos).sum())
 
 
-def _side_view(side: Any) -> dict[str, Any]:
-    return {"instruction": side.instruction, "text": side.text, "images": [str(i) for i in side.images]}
-
-
 def score_plan(
     plan: Plan,
     emb: np.ndarray,
@@ -55,6 +57,7 @@ def score_plan(
     ks: Sequence[int] = (1, 5, 10),
     corpus: bool = False,
     n_examples: int = 0,
+    confusion: bool = False,
     tol: float = TIE_TOL,
 ) -> dict[str, Any]:
     """Metrics of one dataset from the embeddings of its unique inputs.
@@ -64,29 +67,34 @@ def score_plan(
         emb: (U, D) embeddings of ``plan.sides`` (dot product = similarity, as ``np.dot`` in VLM2Vec).
         ks: cut-offs for hit@k, recall@k and ndcg@k.
         corpus: also rank every query against all distinct candidates of the dataset.
-        n_examples: keep the top-5 ranking of the first ``n_examples`` rows (for ``examples.html``).
+        n_examples: keep the top-5 ranking of ``n_examples`` rows for ``examples.html``: the worst misses and
+            the near-ties (:func:`mmembed.eval.examples.select_rows`, by the positive's margin over the best
+            negative), then rows not scored because of a missing image.
+        confusion: count true -> predicted label over the misses (``"confusion"``: the 10 most frequent).
 
     Returns:
         ``{"hit@1", "n", "missing_images", "chance", "num_candidates", "hit@k", "recall@k", "mrr",
-        "ndcg@k", "corpus"?: {...}, "examples"?: [...]}``.
+        "ndcg@k", "corpus"?: {...}, "examples"?: [...], "confusion"?: [...], "misses"?: int}``.
     """
     keys = list(ks) if 1 in ks else [1, *ks]
     per: dict[str, list[float]] = {}
-    chance, sizes, shown = [], [], []
+    chance, sizes = [], []
+    margins = np.full(len(plan.examples), np.nan)
+    conf = Confusion(plan) if confusion else None
     for row, (qi, ci) in enumerate(zip(plan.query_idx, plan.cand_idx)):
         ex = plan.examples[row]
         sizes.append(len(ci))
         chance.append(1.0 / len(ci))
         if plan.missing_rows[row]:
             m = dict.fromkeys(ranking_metrics(np.zeros(1), 0, keys), 0.0)
-            scores = None
         else:
             scores = emb[ci].astype(np.float64) @ emb[qi].astype(np.float64)
             m = ranking_metrics(scores, ex.positive, keys, tol)
+            margins[row], best_neg = margin_of(scores, ex.positive)
+            if conf is not None and m["hit@1"] == 0.0:
+                conf.add(row, best_neg)
         for k, v in m.items():
             per.setdefault(k, []).append(v)
-        if row < n_examples:
-            shown.append(_example_view(plan, row, scores, m))
     out: dict[str, Any] = {
         "hit@1": float(np.mean(per["hit@1"])),
         "n": len(plan.examples),
@@ -99,33 +107,20 @@ def score_plan(
     if corpus:
         out["corpus"] = _score_corpus(plan, emb, keys, tol)
     if n_examples:
-        out["examples"] = shown
+        out["examples"] = [_view(plan, emb, int(r), keys, tol, margins[r]) for r in select_rows(margins, n_examples)]
+    if conf is not None:
+        out["confusion"] = conf.top(10)
+        out["misses"] = conf.misses
     return out
 
 
-def _example_view(plan: Plan, row: int, scores: np.ndarray | None, m: dict[str, float]) -> dict[str, Any]:
+def _view(plan: Plan, emb: np.ndarray, row: int, keys: Sequence[int], tol: float, margin: float) -> dict[str, Any]:
+    """The example view of one selected row (its scores computed again: only the margins of all rows are kept)."""
     ex = plan.examples[row]
-    # a row with a missing image was not scored: show its first candidates in file order
-    order = np.argsort(-scores, kind="stable")[:5] if scores is not None else range(min(5, len(ex.candidates)))
-    top = [
-        {
-            "index": int(j),
-            "score": None if scores is None else float(scores[j]),
-            "positive": int(j) == ex.positive,
-            **_side_view(ex.candidates[j]),
-        }
-        for j in order
-    ]
-    return {
-        "row": row,
-        "source": ex.source,
-        "query": _side_view(ex.query),
-        "top": top,
-        "hit@1": m["hit@1"],
-        "positive_rank": None if scores is None else int((scores > scores[ex.positive]).sum()) + 1,
-        "missing_images": list(ex.meta.get("missing_images") or []),
-        "num_candidates": len(ex.candidates),
-    }
+    if plan.missing_rows[row]:
+        return example_view(plan, row, None, {"hit@1": 0.0}, None)
+    scores = emb[plan.cand_idx[row]].astype(np.float64) @ emb[plan.query_idx[row]].astype(np.float64)
+    return example_view(plan, row, scores, ranking_metrics(scores, ex.positive, keys, tol), margin)
 
 
 def _score_corpus(plan: Plan, emb: np.ndarray, ks: Sequence[int], tol: float) -> dict[str, float]:
@@ -195,41 +190,76 @@ def evaluate(
         ks: cut-offs for hit@k, recall@k, ndcg@k.
         corpus: dataset names (or ``"all"``) also scored against their whole candidate corpus.
         task_meta: extra ``{dataset: {"meta_task", "split"}}`` (a ``meta.json`` tasks table).
-        n_examples: rows per dataset whose top-5 is kept under ``datasets[name]["examples"]``.
+        n_examples: rows per dataset whose top-5 is kept under ``datasets[name]["examples"]`` (the worst misses and
+            near-ties); for classification (meta-task CLS) also the 10 most frequent confusions (``"confusion"``).
+        show_progress_bar: per-dataset encoding progress (:class:`mmembed.progress.Progress`) and a result line.
+
+    Raises:
+        ValueError: a malformed row or refused input (naming the dataset), or
+            :class:`~mmembed.eval.checks.MissingImages` when every image row of a dataset lacks its image.
 
     Returns:
         ``{"datasets": {name: {"hit@1", "n", "missing_images", "chance", "meta_task", "split", ...}},
         "meta_tasks": {m: {"hit@1", "datasets"}}, "splits": {"IND"/"OOD": {...}}, "overall": float,
-        "mean_hit@1": float (= overall), "means": {metric: mean over datasets}, "encode": {counts}}``.
+        "mean_hit@1": float (= overall), "means": {metric: mean over datasets}, "encode": {counts},
+        "warnings": [lines printed about missing or unreadable images]}``; each
+        dataset also has ``seconds`` and its ``encode`` counts (:data:`RUN_INFO`: they depend on the run).
     """
     dim = getattr(model, "embed_dim", None)
     dim = dim if isinstance(dim, int) else None
+    warnings: list[str] = []
+    for name, examples in sets.items():  # before any encoding: a set whose images are all missing is an error
+        warning = check_missing(name, examples)
+        if warning:
+            warnings.append(warning)
+            dist.print0(warning, file=sys.stderr)
     out: dict[str, Any] = {"datasets": {}, "encode": {"encoded": 0, "cached": 0, "missing": 0, "unique": 0}}
     for name, examples in sets.items():
+        t0 = time.perf_counter()
         plan = plan_dataset(name, examples)
+        progress = _progress_factory(name) if show_progress_bar else None
         try:
-            emb, stats = encode_plan(model, plan, batch_size=batch_size, num_workers=num_workers, cache=cache, dim=dim)
+            emb, stats = encode_plan(
+                model, plan, batch_size=batch_size, num_workers=num_workers, cache=cache, dim=dim, progress=progress
+            )
         except (BadSample, ImageError, InputError) as e:  # an input the processor refuses: name the dataset
             raise ValueError(f"eval set '{name}': {e}") from None
         for k, v in stats.items():
             out["encode"][k] = out["encode"].get(k, 0) + v
         if plan.unreadable_rows is not None and plan.unreadable_rows.any():
-            dist.print0(
+            check_unreadable(name, plan)
+            warnings.append(
                 f"warning: eval set '{name}': {int(plan.unreadable_rows.sum())} row(s) with an unreadable image, "
-                f"scored as misses; first: {plan.unreadable_example}",
-                file=sys.stderr,
+                f"scored as misses; first: {plan.unreadable_example}"
             )
+            dist.print0(warnings[-1], file=sys.stderr)
         out["encode"]["unique"] += len(plan.sides)
         want_corpus = corpus == "all" or name in corpus
-        d = score_plan(plan, emb, ks=ks, corpus=want_corpus, n_examples=n_examples)
         info = task_info(name, task_meta)
+        confusion = bool(n_examples) and info["meta_task"] == "CLS"
+        d = score_plan(plan, emb, ks=ks, corpus=want_corpus, n_examples=n_examples, confusion=confusion)
         d.update(meta_task=info["meta_task"], split=info["split"])
+        d["seconds"] = round(time.perf_counter() - t0, 3)
+        d["encode"] = {**stats, "unique": len(plan.sides)}
         out["datasets"][name] = d
         if show_progress_bar:
-            dist.print0(f"{name}: hit@1 {d['hit@1']:.4f} (n={d['n']}, missing images {d['missing_images']})")
+            rate = d["n"] / d["seconds"] if d["seconds"] > 0 else float("inf")
+            dist.print0(
+                f"{name}: hit@1 {d['hit@1']:.4f} (chance {d['chance']:.4f}, n={d['n']}, missing images "
+                f"{d['missing_images']}) in {d['seconds']:.1f}s, {rate:.1f} rows/s "
+                f"({stats['encoded']} inputs encoded, {stats['cached']} cached)"
+            )
     out.update(aggregate(out["datasets"]))
     out["mean_hit@1"] = out["overall"]
-    skip = {
+    out["warnings"] = warnings
+    metrics = [k for k in next(iter(out["datasets"].values()), {}) if k not in NOT_METRICS]
+    out["means"] = {k: float(np.mean([d[k] for d in out["datasets"].values()])) for k in metrics}
+    return out
+
+
+#: per-dataset keys of :func:`evaluate`'s result that are not metrics averaged into ``means``
+NOT_METRICS = frozenset(
+    {
         "n",
         "missing_images",
         "unreadable_images",
@@ -239,10 +269,23 @@ def evaluate(
         "split",
         "corpus",
         "examples",
+        "confusion",
+        "misses",
+        "seconds",
+        "encode",
     }
-    metrics = [k for k in next(iter(out["datasets"].values()), {}) if k not in skip]
-    out["means"] = {k: float(np.mean([d[k] for d in out["datasets"].values()])) for k in metrics}
-    return out
+)
+#: per-dataset keys that depend on how the evaluation ran (time, cache), not on the model and data
+RUN_INFO = ("seconds", "encode")
+
+
+def _progress_factory(name: str) -> Callable[[int], Progress]:
+    """Per-dataset progress of the encoding (rank 0): a tqdm bar on a terminal, plain lines otherwise."""
+
+    def make(total: int) -> Progress:
+        return Progress(total, f"encode {name}", "rows", enabled=dist.is_main_process())
+
+    return make
 
 
 def select_metric(scores: dict[str, Any], name: str = "overall") -> float:

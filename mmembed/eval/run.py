@@ -1,9 +1,11 @@
 """Running an evaluation end to end (``mmembed eval``) and the in-training evaluation hook.
 
 ``run_eval`` loads a model (an mmembed model directory or ``openclip:ARCH[:PRETRAINED]``), reads the
-MMEB-eval files with rows whose images are missing kept (scored as misses) and malformed rows fatal
-(an error naming the file and row: dropping a row would change the denominator), evaluates with the
-embedding cache, and writes ``scores.json``, ``scores.md`` and ``examples.html`` on rank 0.
+MMEB-eval files with rows whose images are missing kept (scored as misses, with a warning) and malformed rows
+fatal (an error naming the file and row: dropping a row would change the denominator), evaluates with the
+embedding cache and per-dataset progress, and writes ``scores.json``, ``scores.md`` (with the model's components
+and training recipe when known) and ``examples.html`` on rank 0. A dataset whose every image is missing (a
+forgotten ``--image-root``) is a ValueError, which ``mmembed eval`` reports as a one-line error (exit 2).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from mmembed.data.skips import SkipCounter
 from mmembed.eval.embed import EmbeddingCache, dir_fingerprint, model_fingerprint
 from mmembed.eval.openclip import PREFIX, load_openclip
 from mmembed.eval.protocol import evaluate, select_metric
+from mmembed.eval.recipe import describe_model
 from mmembed.eval.report import write_scores
 from mmembed.eval.tasks import read_task_meta
 
@@ -132,8 +135,10 @@ def run_eval(
         )
         scores["seconds"] = round(time.perf_counter() - t0, 3)
         scores["world_size"] = dist.get_world_size()
+        scores["warnings"] = [*getattr(model, "warnings", []), *scores.get("warnings", [])]
         if dist.is_main_process():
-            write_scores(scores, out, model=str(model_spec), model_fingerprint=fp, data=str(data))
+            extra = {"model_info": describe_model(str(model_spec))}
+            write_scores(scores, out, model=str(model_spec), model_fingerprint=fp, data=str(data), extra=extra)
         dist.barrier()
         return scores
     finally:

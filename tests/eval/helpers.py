@@ -92,5 +92,9 @@ def t2i_set(folder: Path, n: int = 6, k: int = 3, name: str = "t2i") -> Path:
 
 def scores_without_run_info(path: Path) -> dict:
     """The numbers of a scores.json (datasets, means), without timing, date and encode counts."""
+    from mmembed.eval.protocol import RUN_INFO
+
     s = json.loads(path.read_text())
-    return {k: s[k] for k in ("datasets", "meta_tasks", "splits", "overall", "means")}
+    out = {k: s[k] for k in ("datasets", "meta_tasks", "splits", "overall", "means")}
+    out["datasets"] = {n: {k: v for k, v in d.items() if k not in RUN_INFO} for n, d in out["datasets"].items()}
+    return out

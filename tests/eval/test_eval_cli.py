@@ -41,7 +41,7 @@ def test_reports_and_cache(eval_setup: tuple[Path, Path], tmp_path: Path) -> Non
     page = _Tags()
     page.feed((out / "examples.html").read_text())
     assert page.tags["h2"] == 2 and page.data_uris >= 6
-    assert "MISS (missing image: candidate 2)" in (out / "examples.html").read_text()
+    assert "missing image: c5.png, not scored" in (out / "examples.html").read_text()  # the file, not an index
     # rerun: everything comes from the cache, same numbers
     again = tmp_path / "again"
     args = ["eval", str(model), "--data", str(data), "--out", str(again), "--cache-dir", str(out / "cache")]
