@@ -3,7 +3,8 @@
 Every image goes through :func:`load_image`: the pixel count and the aspect ratio are checked from
 the header before any decoding (decompression bombs; a 1 x 100000 strip is tiny on disk but becomes
 S x 100000*S pixels when resized by its shorter side), the file is fully decoded (truncated files fail
-here, not later in a worker), and any mode (CMYK, 16-bit, palette, alpha) becomes 8-bit RGB.
+here, not later in a worker), an EXIF ``Orientation`` tag is applied (a phone photo stored sideways comes out
+upright, for training, eval and encode alike), and any mode (CMYK, 16-bit, palette, alpha) becomes 8-bit RGB.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 __all__ = ["ImageError", "load_image", "to_rgb", "ImageTransform", "DEFAULT_MAX_PIXELS", "DEFAULT_MAX_ASPECT_RATIO"]
 
@@ -64,6 +65,16 @@ def _check_aspect(label: str, w: int, h: int, max_aspect_ratio: float) -> None:
         raise ImageError(label, f"aspect ratio {w}:{h} exceeds the limit {max_aspect_ratio:g}:1")
 
 
+def _upright(img: Image.Image) -> Image.Image:
+    """``img`` rotated / flipped as its EXIF ``Orientation`` tag says (the same image when there is none)."""
+    try:
+        if img.getexif().get(0x0112, 1) in (None, 1):  # no tag, or already upright: no copy
+            return img
+        return ImageOps.exif_transpose(img)
+    except Exception:  # a damaged EXIF block: keep the pixels as stored rather than lose the image
+        return img
+
+
 def load_image(
     src: str | os.PathLike | bytes | Image.Image,
     max_pixels: int = DEFAULT_MAX_PIXELS,
@@ -79,6 +90,9 @@ def load_image(
         max_aspect_ratio: refuse images whose long side is more than this many times the short side
             (checked from the header, before decoding; Qwen2-VL's processor refuses > 200 as well).
 
+    Returns:
+        The RGB image upright: an EXIF ``Orientation`` tag (2-8) is applied after the size checks.
+
     Raises:
         ImageError: missing, empty, truncated, not an image, too large, or too thin.
     """
@@ -88,7 +102,7 @@ def load_image(
         if img.width * img.height > max_pixels:
             raise ImageError(label, f"{img.width}x{img.height} exceeds the pixel limit {max_pixels}")
         _check_aspect(label, img.width, img.height, max_aspect_ratio)
-        return to_rgb(img)
+        return to_rgb(_upright(img))
     if isinstance(src, (str, os.PathLike)):
         path = Path(src)
         if not path.is_file():
@@ -112,7 +126,7 @@ def load_image(
                 raise ImageError(label, f"degenerate size {w}x{h}")
             _check_aspect(label, w, h, max_aspect_ratio)
             img.load()
-            return to_rgb(img)
+            return to_rgb(_upright(img))
     except ImageError:
         raise
     except Image.DecompressionBombError as e:

@@ -9,10 +9,12 @@ model.safetensors     full state dict, keys prefixed by slot (vision., connector
 backbone/             the HF config, so the backbone rebuilds with no hub access
 tokenizer/            the tokenizer with the image placeholder token
 processor/            native VLM backbones (Qwen2-VL, LLaVA): the HF processor (tokenizer + image processor)
-README.md             generated model card
+README.md             generated model card (Hugging Face front matter, usage, recipe, data, scores, components)
 ```
 Weights are safetensors only; nothing is ever unpickled. The directory is written under a temporary
-name and renamed when complete. Format history: 1 had one ``reducer`` slot; 2 has ``merge`` and ``prune``
+name and renamed when complete; its folders get mode ``0o777`` and its files ``0o666``, less the process umask
+(``drwxr-xr-x`` / ``-rw-r--r--`` under the usual 022), so a model saved on a shared cluster is readable by others.
+Format history: 1 had one ``reducer`` slot; 2 has ``merge`` and ``prune``
 (:func:`mmembed.config.upgrade_model_dict` converts 1).
 """
 
@@ -89,12 +91,49 @@ def _required_imports(model: Any) -> list[dict[str, str | None]]:
     return out
 
 
-def save_model(model: Any, directory: str | os.PathLike, card: str | None = None) -> Path:
-    """Write ``model`` to ``directory`` atomically (temporary folder, then rename)."""
+def _current_umask() -> int:
+    """The process umask (``os.umask`` can only be read by setting it, so it is set back at once)."""
+    old = os.umask(0)
+    os.umask(old)
+    return old
+
+
+def _apply_modes(root: Path, umask: int) -> None:
+    """Folders ``0o777`` and files ``0o666`` less ``umask``, for ``root`` and everything under it (links untouched).
+
+    ``tempfile.mkdtemp`` creates the folder ``0o700``; without this a saved model is private to its writer.
+    """
+    dir_mode, file_mode = 0o777 & ~umask, 0o666 & ~umask
+    os.chmod(root, dir_mode)
+    for base, dirs, files in os.walk(root):
+        for name in dirs + files:
+            p = os.path.join(base, name)
+            if not os.path.islink(p):
+                os.chmod(p, dir_mode if name in dirs else file_mode)
+
+
+def save_model(
+    model: Any,
+    directory: str | os.PathLike,
+    card: str | None = None,
+    card_info: dict[str, Any] | None = None,
+) -> Path:
+    """Write ``model`` to ``directory`` atomically (temporary folder, then rename).
+
+    Args:
+        model: the :class:`~mmembed.model.EmbeddingModel` to write.
+        directory: the model directory; an existing one is replaced only once the new one is complete.
+        card: the whole ``README.md`` text, replacing the generated model card.
+        card_info: what the generated card cannot know from the model itself, all optional: ``recipe`` (the
+            recipe path, or a dict of its key settings), ``data`` (the training data: a description, a list of
+            dataset names, or ``{name: rows}``), ``scores`` (an eval ``scores.json`` dict, or ``{name: value}``),
+            ``license`` (a Hugging Face licence id; ``other`` when not given).
+    """
     from safetensors.torch import save_model as st_save
 
     directory = Path(directory)
     directory.parent.mkdir(parents=True, exist_ok=True)
+    umask = _current_umask()
     tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
     try:
         model_cfg = _export_cfg(model, tmp)
@@ -115,7 +154,8 @@ def save_model(model: Any, directory: str | os.PathLike, card: str | None = None
         # one metadata key: safetensors writes metadata in hash-map order, so two keys would make the bytes of
         # identical models differ (the format version lives in mmembed_config.json)
         st_save(model, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
-        (tmp / "README.md").write_text(card or _model_card(meta))
+        (tmp / "README.md").write_text(card or _model_card(meta, card_info, tmp))
+        _apply_modes(tmp, umask)
         old = None
         if directory.exists():
             old = directory.with_name(f".{directory.name}.old-{os.getpid()}")
@@ -250,27 +290,149 @@ def offline() -> Any:
             os.environ["HF_HUB_OFFLINE"] = old_env
 
 
-def _model_card(meta: dict[str, Any]) -> str:
+_CARD_SKIP = {"pretrained", "tokenizer", "processor", "trust_remote_code"}  # never informative in a saved model
+
+
+def _short(value: Any, limit: int = 60) -> str:
+    """A compact one-line rendering of a config value for the card (long values cut with an ellipsis)."""
+    text = json.dumps(value, sort_keys=True, default=str) if not isinstance(value, str) else value
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _slot_args(slot: str, node: dict[str, Any], directory: Path | None) -> str:
+    """The key arguments of one slot: scalars and short lists; for the backbone, its HF architecture."""
+    args = {k: v for k, v in node.items() if k != "type" and k not in _CARD_SKIP and v is not None}
+    if slot == "backbone":
+        args.pop("name", None)  # a path inside this directory once saved
+        hf_cfg = directory / "backbone" / "config.json" if directory is not None else None
+        if hf_cfg is not None and hf_cfg.is_file():
+            with contextlib.suppress(ValueError, OSError):
+                hf = json.loads(hf_cfg.read_text())
+                text = hf.get("text_config") if isinstance(hf.get("text_config"), dict) else hf
+                for key in ("model_type", "hidden_size", "num_hidden_layers"):
+                    value = text.get(key, hf.get(key))
+                    if value is not None:
+                        args.setdefault(key, value)
+    return ", ".join(f"{k}={_short(v)}" for k, v in args.items()) or "-"
+
+
+def _front_matter(meta: dict[str, Any], info: dict[str, Any]) -> str:
+    import yaml
+
     m = meta["model"]
-    slots = "\n".join(
-        f"| {s} | {(m.get(s) or {}).get('type', '-')} |" for s in ("vision",) + _SLOTS[1:] + ("backbone",)
+    tags = ["mmembed", "embeddings", "multimodal" if m.get("vision") else "text"]
+    tags += [f"{slot}-{(m.get(slot) or {}).get('type')}" for slot in ("backbone", "vision", "pooler") if m.get(slot)]
+    front = {
+        "library_name": "mmembed",
+        "pipeline_tag": "feature-extraction",
+        "tags": tags,
+        "license": str(info.get("license") or "other"),
+    }
+    for key in ("license_name", "license_link", "base_model", "datasets"):
+        if info.get(key):
+            front[key] = info[key]
+    return "---\n" + yaml.safe_dump(front, sort_keys=False, default_flow_style=None, allow_unicode=True) + "---\n"
+
+
+def _usage(meta: dict[str, Any]) -> str:
+    """A snippet that runs against this directory: a saved prompt name when there is one."""
+    prompts = meta.get("prompts") or {}
+    instruction = next(iter(prompts), None) or "Represent the given input."
+    if meta["model"].get("vision"):
+        call = (
+            'emb = model.encode(texts=["a red circle", None], images=[None, "photo.jpg"], '
+            f"instruction={json.dumps(instruction)})"
+        )
+    else:
+        call = f'emb = model.encode(texts=["a red circle"], instruction={json.dumps(instruction)})'
+    lines = ["```python", "import mmembed", "", 'model = mmembed.load("path/to/this/dir")', call]
+    lines += [
+        "scores = model.similarity(emb, emb)  # cosine"
+        if meta["similarity"] == "cosine"
+        else "scores = model.similarity(emb, emb)  # dot product",
+        "```",
+    ]
+    text = "\n".join(lines)
+    if prompts:
+        names = "\n".join(f"| `{k}` | {v} |" for k, v in prompts.items())
+        text += "\n\n`instruction` takes a saved prompt name or any text. Saved prompts:\n\n"
+        text += f"| name | text |\n|---|---|\n{names}"
+    return text + "\n\nCommand line: `mmembed encode path/to/this/dir --input rows.jsonl --output emb.npy`."
+
+
+def _data_section(data: Any) -> str:
+    if isinstance(data, dict):
+        return "\n".join(f"- {k}: {_short(v)}" for k, v in data.items())
+    if isinstance(data, (list, tuple)):
+        return "\n".join(f"- {_short(d)}" for d in data)
+    return str(data)
+
+
+def _recipe_section(meta: dict[str, Any], info: dict[str, Any], directory: Path | None) -> str:
+    m = meta["model"]
+    rows = "\n".join(
+        f"| {s} | {m[s]['type']} | {_slot_args(s, m[s], directory)} |"
+        for s in ("vision", "connector", "merge", "prune", "backbone", "pooler", "fusion")
+        if isinstance(m.get(s), dict)
     )
-    return f"""# mmembed model
+    settings = {k: m.get(k) for k in ("embed_dim", "normalize", "max_length", "layout", "max_images_per_input")}
+    text = f"| slot | component | key arguments |\n|---|---|---|\n{rows}\n\n"
+    text += ", ".join(f"{k}: {v}" for k, v in settings.items())
+    recipe = info.get("recipe")
+    if isinstance(recipe, dict):
+        text += "\n\nTraining recipe:\n\n" + "\n".join(f"- `{k}`: {_short(v)}" for k, v in recipe.items())
+    elif recipe:
+        text += f"\n\nTraining recipe: `{recipe}`"
+    return text
 
-Load it with:
 
-```python
-import mmembed
-model = mmembed.load("path/to/this/dir")
-emb = model.encode(texts=["a red circle"], images=[None], instruction="Represent the given text.")
-```
+def _scores_section(scores: dict[str, Any]) -> str:
+    """An eval ``scores.json`` (datasets / meta_tasks / overall) or a flat ``{name: value}`` as a table."""
 
-| slot | component |
-|---|---|
-{slots}
+    def num(v: Any) -> str:
+        return f"{v:.4f}" if isinstance(v, float) else str(v)
 
-- embedding dimension: {meta["embed_dim"]}, similarity: {meta["similarity"]}
-- visual tokens per image: {meta["image_tokens"]}
-- format_version: {meta["format_version"]}, created {meta["created"]}
-- versions: {", ".join(f"{k} {v}" for k, v in meta["versions"].items())}
-"""
+    if isinstance(scores.get("datasets"), dict):
+        rows = [
+            f"| {name} | {d.get('meta_task', '-')} | {num(d.get('hit@1', '-'))} |"
+            for name, d in scores["datasets"].items()
+            if isinstance(d, dict)
+        ]
+        rows += [
+            f"| **{name}** (mean) | {name} | {num(d.get('hit@1', '-'))} |"
+            for name, d in (scores.get("meta_tasks") or {}).items()
+            if isinstance(d, dict)
+        ]
+        if "overall" in scores:
+            rows.append(f"| **overall** | - | {num(scores['overall'])} |")
+        return "| dataset | meta-task | hit@1 |\n|---|---|---|\n" + "\n".join(rows)
+    return "| metric | value |\n|---|---|\n" + "\n".join(f"| {k} | {num(v)} |" for k, v in scores.items())
+
+
+def _model_card(meta: dict[str, Any], card_info: dict[str, Any] | None = None, directory: Path | None = None) -> str:
+    """README.md of a model directory: HF front matter, usage, recipe, training data, scores, components."""
+    info = dict(card_info or {})
+    licence = info.get("license")
+    parts = [
+        _front_matter(meta, info),
+        "# mmembed model\n",
+        "## Usage\n\n" + _usage(meta) + "\n",
+        "## Recipe\n\n" + _recipe_section(meta, info, directory) + "\n",
+    ]
+    if info.get("data"):
+        parts.append("## Training data\n\n" + _data_section(info["data"]) + "\n")
+    if isinstance(info.get("scores"), dict) and info["scores"]:
+        parts.append("## Evaluation\n\n" + _scores_section(info["scores"]) + "\n")
+    if not licence:
+        parts.append(
+            "## License\n\nNot recorded when this model was saved (`license: other`): the weights derive from the "
+            "backbone and vision encoder named above, whose own licences apply.\n"
+        )
+    parts.append(
+        "## Details\n\n"
+        f"- embedding dimension: {meta['embed_dim']}, similarity: {meta['similarity']}\n"
+        f"- visual tokens per image: {meta['image_tokens']}\n"
+        f"- format_version: {meta['format_version']}, created {meta['created']}\n"
+        f"- versions: {', '.join(f'{k} {v}' for k, v in meta['versions'].items())}\n"
+    )
+    return "\n".join(parts)

@@ -75,7 +75,7 @@ def test_encode_cli_errors_name_the_line(tiny_model, tmp_path, capsys):
     missing.write_text('{"text": "ok"}\n{"image": "nope.png"}\n')
     assert main(["encode", str(model_dir), "--input", str(missing), "--output", str(tmp_path / "e.npy")]) == 2
     err = capsys.readouterr().err
-    assert "row 1" in err and "nope.png" in err and "file not found" in err
+    assert f"{missing}:2: image" in err and "nope.png" in err and "file not found" in err  # file:LINE, 1-based
     typed = tmp_path / "typed.jsonl"
     typed.write_text('{"text": 3}\n')
     assert main(["encode", str(model_dir), "--input", str(typed), "--output", str(tmp_path / "e.npy")]) == 2

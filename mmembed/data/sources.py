@@ -3,7 +3,8 @@
 Parquet files are memory-mapped Arrow tables (nothing is copied into Python objects, so
 DataLoader workers share the pages). JSONL files are indexed by byte offset once; each worker
 opens its own file handle. ``row(i)`` raises :class:`BadSample` for an invalid JSON line, so one bad
-line costs one sample, never the file.
+line costs one sample, never the file. Errors name a row as ``file:row N`` (parquet) or ``file:line N``
+(JSONL), both 1-based, the numbers a person finds in the file (a JSONL's blank lines count).
 """
 
 from __future__ import annotations
@@ -36,8 +37,8 @@ class RowSource:
         raise NotImplementedError
 
     def where(self, i: int) -> str:
-        """``file:row`` for error messages."""
-        return f"{self.path}:row {i}"
+        """``file:row N`` for error messages, ``N`` 1-based (row ``i = 0`` is ``row 1``), as JSONL's ``line N``."""
+        return f"{self.path}:row {i + 1}"
 
 
 class ParquetRows(RowSource):

@@ -63,8 +63,9 @@ def test_bad_images_are_skipped_and_counted(tmp_path, kind, reason):
     got = [ds.get(i, c) for i in range(4)]
     assert [g is None for g in got] == [False, True, False, False]
     assert c.read == 4 and c.good == 3 and c.skipped == {reason: 1} and c.good + c.num_skipped == c.read
-    assert c.examples[0]["source"] == f"{tmp_path / 'd.parquet'}:row 1" and "bad.png" in c.examples[0]["detail"]
-    with pytest.raises(DataError, match=r"d\.parquet:row 1: .*bad\.png"):
+    # rows[1] is the parquet's second row: positions in messages are 1-based
+    assert c.examples[0]["source"] == f"{tmp_path / 'd.parquet'}:row 2" and "bad.png" in c.examples[0]["detail"]
+    with pytest.raises(DataError, match=r"d\.parquet:row 2: .*bad\.png"):
         ds.get(1, SkipCounter(strict=True))
 
 
@@ -132,7 +133,7 @@ def test_bad_rows_replaced_deterministically_in_batches(tmp_path):
     assert len(samples) == 8  # size kept: rows 2 and 3 are replaced by the next good row (4)
     assert [s.positive.text for s in samples] == [f"label {i}" for i in (0, 1, 4, 4, 4, 5, 6, 7)]
     assert c.skipped == {"image_missing": 1, "missing_field": 2} and c.good == 8 and c.read == 11
-    with pytest.raises(DataError, match="row 2"):
+    with pytest.raises(DataError, match="d.parquet:row 3: "):  # rows[2], 1-based
         TrainBatches([ds], MixtureSampler([8], global_batch_size=8, shuffle=False), strict=True).samples(0)
 
 

@@ -87,9 +87,9 @@ def test_thin_image_is_skipped_and_counted_by_the_training_readers(tmp_path):
     samples, counter = batches.samples(0)
     assert [s.positive.text for s in samples] == ["label 0", "label 1", "label 3"]  # row 2 replaced by row 3
     assert counter.skipped == {"image_bad_aspect": 1} and counter.read == 4 and counter.good == 3
-    assert "row 2" in counter.examples[0]["source"] and "2.png" in counter.examples[0]["detail"]
+    assert counter.examples[0]["source"].endswith(":row 3") and "2.png" in counter.examples[0]["detail"]  # 1-based
     strict = TrainBatches([ds], MixtureSampler([4], global_batch_size=3, shuffle=False), strict=True)
-    with pytest.raises(DataError, match=r"row 2: .*2\.png: aspect ratio 1:100000 .*\[image_bad_aspect\]"):
+    with pytest.raises(DataError, match=r"row 3: .*2\.png: aspect ratio 1:100000 .*\[image_bad_aspect\]"):
         strict.samples(0)
 
     tool = _tool()  # webdataset: refused at conversion (verified), or counted by the reader if it got in
@@ -287,7 +287,7 @@ def test_strict_loaders_raise_the_real_data_error_from_workers(tmp_path, workers
         for b in loader:
             steps.append(b["step"])
     assert type(e.value) is DataError and steps == [0, 1]  # steps 0 and 1 came through, step 2 holds row 4
-    assert e.value.reason == "image_missing" and "row 4" in e.value.source and "4.png" in e.value.detail
+    assert e.value.reason == "image_missing" and e.value.source.endswith(":row 5") and "4.png" in e.value.detail
 
     out = tmp_path / "shards"
     _tool().convert(make_train_set(tmp_path / "src2", 4), out, shard_size=2)
