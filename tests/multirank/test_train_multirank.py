@@ -56,6 +56,7 @@ def _cli_overrides(data: Path, out: Path, batch: int) -> list[str]:
     ]
 
 
+@pytest.mark.slow  # 2 ranks through the loop are also held exact by the GradCache test above (make test-all)
 def test_two_ranks_with_batch_b_equal_one_rank_with_2b(tmp_path, demo_data, extensions_dir):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TORCH_EXTENSIONS_DIR": str(extensions_dir)}
     recipe = str(REPO / "recipes/tiny/composed.yaml")

@@ -45,7 +45,8 @@ def test_tiny_recipe_trains_and_its_export_reloads(recipe, demo_data, tmp_path):
 @pytest.mark.parametrize(
     "extra",
     [
-        [],
+        # the stock path shares its code with the connector+aim case; the full sweep: make test-all
+        pytest.param([], marks=pytest.mark.slow),
         [
             "model.connector={type: pool_adapter, pool_size: 2, mode: adaptive}",
             "model.merge={type: aim, keep_ratio: 0.5}",

@@ -169,6 +169,7 @@ def test_overwrite_removes_the_earlier_run_and_keeps_the_users_files(overwritten
     assert json.loads((out / "checkpoints" / "step_5" / "trainer_state.json").read_text())["step"] == 5
 
 
+@pytest.mark.slow  # the rotation rule itself is tested in-process below; this is the end-to-end run (make test-all)
 def test_resume_auto_continues_and_never_rotates_out_the_checkpoint_it_resumed_from(overwritten, demo_data, tmp_path):
     out = tmp_path / "run"
     shutil.copytree(overwritten[0], out)
