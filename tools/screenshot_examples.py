@@ -18,7 +18,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-__all__ = ["find_chromium", "screenshot", "main"]
+__all__ = ["find_chromium", "screenshot", "dump_dom", "main"]
 
 CANDIDATES = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")
 
@@ -67,6 +67,30 @@ def screenshot(page: str | Path, out: str | Path, width: int = 1400, height: int
         tail = (proc.stdout + proc.stderr)[-2000:]
         raise RuntimeError(f"chromium wrote no screenshot (exit {proc.returncode}): {tail}")
     return out
+
+
+def dump_dom(page: str | Path, timeout: float = 120) -> str:
+    """The DOM of ``page`` as headless Chromium rendered it (``--dump-dom``): what a reader's browser builds.
+
+    Raises:
+        FileNotFoundError: no page or no Chromium.
+        RuntimeError: Chromium failed or printed nothing.
+    """
+    page = Path(page).resolve()
+    if not page.is_file():
+        raise FileNotFoundError(f"{page}: no such page")
+    exe = find_chromium()
+    if exe is None:
+        raise FileNotFoundError("no Chromium found (apt-get install -y chromium, or set CHROMIUM=/path/to/it)")
+    with tempfile.TemporaryDirectory(prefix="shot-profile-") as profile:
+        cmd = [exe, "--headless", "--disable-gpu", "--no-first-run", "--disable-dev-shm-usage"]
+        cmd += [f"--user-data-dir={profile}", "--dump-dom", page.as_uri()]
+        if hasattr(os, "geteuid") and os.geteuid() == 0:
+            cmd.insert(1, "--no-sandbox")
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    if proc.returncode != 0 or "<html" not in proc.stdout.lower():
+        raise RuntimeError(f"chromium printed no DOM (exit {proc.returncode}): {proc.stderr[-2000:]}")
+    return proc.stdout
 
 
 def main(argv: list[str] | None = None) -> int:

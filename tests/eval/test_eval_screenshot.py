@@ -1,4 +1,4 @@
-"""examples.html renders in headless Chromium (tools/screenshot_examples.py); slow, skipped without a browser."""
+"""examples.html renders in headless Chromium (tools/screenshot_examples.py); skipped only without a browser."""
 
 from __future__ import annotations
 
@@ -21,7 +21,6 @@ def _tool():
     return mod
 
 
-@pytest.mark.slow
 def test_examples_page_screenshot(eval_setup: tuple[Path, Path], tmp_path: Path) -> None:
     tool = _tool()
     if tool.find_chromium() is None:
@@ -36,3 +35,12 @@ def test_examples_page_screenshot(eval_setup: tuple[Path, Path], tmp_path: Path)
         assert im.size == (1200, 1600)
         colors = im.convert("RGB").getcolors(maxcolors=1 << 20)
     assert colors is not None and len(colors) > 50  # something was drawn, not a blank page
+    # what the browser built: the summary table (a row per dataset) and n_examples examples per dataset
+    import json
+
+    names = sorted(json.loads((tmp_path / "out" / "scores.json").read_text())["datasets"])
+    dom = tool.dump_dom(tmp_path / "out" / "examples.html")
+    summary = dom.split('class="summary"', 1)[1].split("</table>", 1)[0]
+    assert all(f'href="#{n}"' in summary or f">{n}<" in summary for n in names), summary[:2000]
+    assert dom.count('class="query"') == 3 * len(names)
+    assert "&lt;image&gt;" not in dom and "cand 0" not in dom
