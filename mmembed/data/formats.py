@@ -170,7 +170,9 @@ def _side(
     cut = False
     if text is not None and len(text) > opts.max_text_chars:
         text, cut = text[: opts.max_text_chars], True
-    instruction = instruction.strip() if instruction else None
+    # the image's place comes from the layout: an instruction's own <|image_N|> would reach the model as text
+    # after the image (VLM2Vec's eval parsers strip it too)
+    instruction = _MMEB_TOKEN.sub("", instruction).strip() if instruction else None
     side = Side(instruction=instruction or None, text=text, images=paths)
     if side.is_empty():
         raise BadSample("empty_text", f"{what} has neither text nor an image")

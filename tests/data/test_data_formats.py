@@ -8,6 +8,7 @@ from PIL import Image
 from mmembed.data import (
     DatasetSpec,
     Instructions,
+    ParseOptions,
     SampleDataset,
     SkipCounter,
     detect_format,
@@ -187,3 +188,21 @@ def test_multi_image_side_and_eval_manifest_instructions(tmp_path):
     )
     ex = read_eval_set(tmp_path / "ev.yaml")["e"][0]
     assert ex.query.instruction == "Classify." and [c.instruction for c in ex.candidates] == ["Label.", "Label."]
+
+
+def test_an_instruction_keeps_no_mmeb_image_placeholder():
+    """Regression (#13): mmeb_eval_instruct's qry_inst starts with <|image_1|>; it must not reach the model as text."""
+    from mmembed.data.formats import parse_eval_row
+
+    row = {
+        "qry_inst": "<|image_1|> Represent the given image for classification.",
+        "qry_text": "",
+        "qry_img_path": "a.jpg",
+        "tgt_inst": "<|image_1|>Represent the answer.",
+        "tgt_text": ["cat", "dog"],
+        "tgt_img_path": ["", ""],
+    }
+    ex = parse_eval_row(row, "mmeb_eval_instruct", ParseOptions(image_root="/imgs"))
+    assert ex.query.instruction == "Represent the given image for classification."
+    assert ex.query.images == ["/imgs/a.jpg"]
+    assert [c.instruction for c in ex.candidates] == ["Represent the answer.", "Represent the answer."]
