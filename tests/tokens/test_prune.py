@@ -76,7 +76,7 @@ def test_importance_prefers_attended_tokens():
 def test_pruning_scores_read_the_attention_the_model_computes(family):
     """The rotated queries and keys behind the importance score give the model's own attention probabilities
     (eager attention weights of layer 0), for each decoder family, Phi-3's fused qkv_proj included."""
-    from mmembed.tokens.prune import _qk
+    from mmembed.tokens.layers import layer_qk
 
     extra = {"gemma": ["model.backbone.config.head_dim=16"], "phi3": ["model.backbone.config.pad_token_id=0"]}
     model = build(
@@ -89,7 +89,7 @@ def test_pruning_scores_read_the_attention_the_model_computes(family):
     with torch.no_grad():
         embeds = model.backbone.splice(batch, model.visual(batch)).embeds
         ref = lm(inputs_embeds=embeds, attention_mask=mask, position_ids=pos, output_attentions=True).attentions[0]
-        q, k = _qk(lm.layers[0], embeds, lm.rotary_emb(embeds, pos))
+        q, k = layer_qk(lm.layers[0], embeds, lm.rotary_emb(embeds, pos))
     logits = (q @ k.transpose(-1, -2)) * lm.layers[0].self_attn.scaling
     n = mask.shape[1]
     allowed = torch.ones(n, n, dtype=torch.bool).tril() & mask.bool()[:, None, None, :]
