@@ -22,4 +22,6 @@ def test_a_format_1_directory_encodes_identically(name):
     model = mmembed.load(folder / "model")
     images = [None if im is None else [str(folder / p) for p in im] for im in spec["images"]]
     emb = model.encode(texts=spec["texts"], images=images, instruction=spec["instruction"])
-    np.testing.assert_array_equal(emb, np.load(folder / "expected.npy"))
+    # the same computation, up to float rounding that varies with the CPU's kernels (about 3e-7 seen between two
+    # machines); any change of behaviour (a different kept-token count, layout or position) moves it by 1e-3 or more
+    np.testing.assert_allclose(emb, np.load(folder / "expected.npy"), rtol=0, atol=1e-5)
