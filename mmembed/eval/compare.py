@@ -10,9 +10,12 @@ Each argument is one of:
 - a ``metrics.jsonl`` file itself.
 
 Prints a markdown table (datasets as rows, runs as columns, the metric in percent, the best of each row in bold,
-then the meta-task means and the overall mean); ``--out DIR`` also writes ``DIR/compare.md`` and a grouped bar
-chart ``DIR/compare.png`` (matplotlib, Agg backend). The CLI wires ``mmembed compare`` to :func:`add_arguments`
-and :func:`run`.
+then the meta-task means and the overall mean). For the default metric (mmembed's tie-aware hit@1) a second table
+follows with the MMEB-official score of each run (``official`` in scores.json: VLM2Vec's definition, the positive
+winning ties; NDCG@5 for NDCG tasks), the number comparable with published MMEB tables; runs without it (training
+logs, older scores.json) show ``-``, and the table is left out when no run has it. ``--out DIR`` also writes
+``DIR/compare.md`` and a grouped bar chart ``DIR/compare.png`` (matplotlib, Agg backend). The CLI wires
+``mmembed compare`` to :func:`add_arguments` and :func:`run`.
 """
 
 from __future__ import annotations
@@ -27,7 +30,19 @@ from typing import Any
 
 from mmembed.eval.tasks import META_TASKS, task_info
 
-__all__ = ["Result", "load_result", "compare_markdown", "compare_chart", "add_arguments", "run"]
+__all__ = [
+    "Result",
+    "load_result",
+    "compare_markdown",
+    "official_results",
+    "official_markdown",
+    "compare_chart",
+    "add_arguments",
+    "run",
+]
+
+#: the per-dataset key of the MMEB-official score in scores.json (see :mod:`mmembed.eval.protocol`)
+OFFICIAL = "official"
 
 
 @dataclass
@@ -53,10 +68,11 @@ def _from_scores(path: Path, metric: str, label: str) -> Result:
         known = sorted(k for k, v in next(iter(ds.values()), {}).items() if isinstance(v, (int, float)))
         raise ValueError(f"{path}: no metric {metric!r} in its datasets (known: {', '.join(known)})")
     meta = {n: d.get("meta_task") or "-" for n, d in ds.items()}
-    groups: dict[str, float] = {}
+    groups = {m: float(v[metric]) for m, v in s.get("meta_tasks", {}).items() if v.get(metric) is not None}
     if metric == "hit@1":
-        groups = {m: float(v["hit@1"]) for m, v in s.get("meta_tasks", {}).items()}
         overall = s.get("overall")
+    elif metric == OFFICIAL:
+        overall = s.get("official_overall", s.get("means", {}).get(OFFICIAL))
     else:
         overall = s.get("means", {}).get(metric)
     return Result(label, str(path), vals, meta, groups, None if overall is None else float(overall))
@@ -155,8 +171,38 @@ def compare_markdown(results: list[Result], metric: str = "hit@1") -> str:
     """The side-by-side table (percent; best per row in bold) with the meta-task means and the overall mean."""
     lines = [f"# Comparison: {metric} (%)", ""]
     lines += [f"- **{r.label}**: `{r.source}`" for r in results]
+    return "\n".join([*lines, "", *_table(results)]) + "\n"
+
+
+def official_results(args: Sequence[str | Path], results: list[Result]) -> list[Result]:
+    """The MMEB-official score of each argument, labelled as ``results``; an empty column where there is none."""
+    out = []
+    for a, r in zip(args, results):
+        try:
+            o = load_result(a, OFFICIAL)
+        except ValueError:  # a training log or an older scores.json: no official score
+            o = Result(r.label, r.source, {})
+        o.label = r.label
+        out.append(o)
+    return out
+
+
+def official_markdown(results: list[Result]) -> str:
+    """The section of the MMEB-official scores (``""`` when no run has one)."""
+    if not any(v is not None for r in results for v in r.datasets.values()):
+        return ""
+    lines = ["", "## official (MMEB) (%)", ""]
+    lines += [
+        "VLM2Vec's definition (the positive, listed first, wins ties; NDCG@5 for NDCG tasks): the number "
+        "comparable with published MMEB tables. The table above is mmembed's tie-aware hit@1.",
+        "",
+    ]
+    return "\n".join([*lines, *_table(results)]) + "\n"
+
+
+def _table(results: list[Result]) -> list[str]:
     heads = ["Dataset", "Meta-task", *[r.label for r in results]]
-    lines += ["", "| " + " | ".join(heads) + " |", "|" + "---|" * len(heads)]
+    lines = ["| " + " | ".join(heads) + " |", "|" + "---|" * len(heads)]
     rows = _rows(results)
     for name, mt in rows:
         lines.append(f"| {name} | {mt} | " + " | ".join(_cells([r.datasets.get(name) for r in results])) + " |")
@@ -170,7 +216,7 @@ def compare_markdown(results: list[Result], metric: str = "hit@1") -> str:
         lines.append(f"| *mean over the {len(shared)} shared* | | " + " | ".join(_cells(means)) + " |")
         note = "The runs do not cover the same datasets: compare the mean over the shared ones, not the overall means."
         lines += ["", note]
-    return "\n".join(lines) + "\n"
+    return lines
 
 
 def compare_chart(results: list[Result], out: Path, metric: str = "hit@1") -> Path:
@@ -210,7 +256,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "else the last eval record of RUN/metrics.jsonl)",
     )
     parser.add_argument("--out", default=None, help="also write OUT/compare.md and OUT/compare.png")
-    parser.add_argument("--metric", default="hit@1", help="per-dataset metric of scores.json (default hit@1)")
+    parser.add_argument(
+        "--metric",
+        default="hit@1",
+        help="per-dataset metric of scores.json (default hit@1, followed by the 'official' MMEB score)",
+    )
     parser.add_argument("--labels", default=None, help="comma-separated column names, one per run")
 
 
@@ -224,6 +274,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"mmembed: error: {e}", file=sys.stderr)
         return 2
     md = compare_markdown(results, args.metric)
+    if args.metric == "hit@1":  # the tie-aware headline: show the official score beside it
+        md += official_markdown(official_results(args.runs, results))
     print(md, end="")
     if args.out:
         out = Path(args.out)

@@ -7,6 +7,13 @@ Also reported per dataset: hit@k, recall@k, MRR and NDCG@k (linear gain, MMEB-V2
 over the same per-query list, and, for datasets named in ``corpus``, the same metrics with each query
 ranked against the dataset's whole candidate corpus (MMEB-V2 ``eval_type: global``).
 
+Beside these tie-aware numbers every dataset carries the MMEB-official ones (VLM2Vec's definition, the
+positive winning ties: :func:`mmembed.eval.metrics.official_metrics`): ``official_hit@k``, ``official_recall@k``,
+``official_mrr@k``, ``official_ndcg@k`` and ``official``, the one comparable with published MMEB tables
+(``official_hit@1``, or ``official_ndcg@5`` for a task whose ``metric`` is NDCG, as MMEB-V2 visdoc), named by
+``official_metric``; ``official_overall`` and ``meta_tasks``/``splits`` ``[...]["official"]`` are its means.
+The tie-aware ``hit@1`` stays the headline (``overall``).
+
 Rules that make the number independent of how it is run (VLM2Vec issue #130):
 - ties are scored as the expected value over random tie order (:mod:`mmembed.eval.metrics`), so a
   constant model scores exactly the chance level;
@@ -33,7 +40,7 @@ from mmembed.data.skips import BadSample
 from mmembed.eval.checks import check_missing, check_unreadable
 from mmembed.eval.embed import EmbeddingCache, Plan, encode_plan, plan_dataset, side_key
 from mmembed.eval.examples import Confusion, example_view, margin_of, select_rows
-from mmembed.eval.metrics import TIE_TOL, ranking_metrics
+from mmembed.eval.metrics import OFFICIAL_KS, TIE_TOL, hit_at_k, official_headline, official_metrics, ranking_metrics
 from mmembed.eval.tasks import META_TASKS, task_info
 from mmembed.images import ImageError
 from mmembed.progress import Progress
@@ -42,12 +49,13 @@ from mmembed.types import InputError
 __all__ = ["evaluate", "hit_at_1", "side_key", "score_plan", "aggregate", "select_metric", "NOT_METRICS", "RUN_INFO"]
 
 
-def hit_at_1(scores: np.ndarray, positive: int = 0) -> float:
-    """1 if the positive scores strictly highest, ``1/(1+t)`` if it ties with ``t`` others at the top, else 0."""
-    pos = scores[positive]
-    if (scores > pos).any():
-        return 0.0
-    return 1.0 / float((scores == pos).sum())
+def hit_at_1(scores: np.ndarray, positive: int = 0, tol: float = TIE_TOL) -> float:
+    """Tie-aware hit@1: 1 if the positive scores highest, ``1/(1+t)`` if it ties with ``t`` others at the top, else 0.
+
+    The same implementation and tolerance as the pipeline (:func:`mmembed.eval.metrics.hit_at_k`, scores within
+    ``TIE_TOL`` tie), so this function and ``evaluate``'s ``hit@1`` never disagree.
+    """
+    return hit_at_k(scores, positive, 1, tol)
 
 
 def score_plan(
@@ -59,6 +67,7 @@ def score_plan(
     n_examples: int = 0,
     confusion: bool = False,
     tol: float = TIE_TOL,
+    official: str = "official_hit@1",
 ) -> dict[str, Any]:
     """Metrics of one dataset from the embeddings of its unique inputs.
 
@@ -71,12 +80,15 @@ def score_plan(
             the near-ties (:func:`mmembed.eval.examples.select_rows`, by the positive's margin over the best
             negative), then rows not scored because of a missing image.
         confusion: count true -> predicted label over the misses (``"confusion"``: the 10 most frequent).
+        official: the official key reported as ``"official"`` (:func:`mmembed.eval.metrics.official_headline`).
 
     Returns:
         ``{"hit@1", "n", "missing_images", "chance", "num_candidates", "hit@k", "recall@k", "mrr",
-        "ndcg@k", "corpus"?: {...}, "examples"?: [...], "confusion"?: [...], "misses"?: int}``.
+        "ndcg@k", "official_{hit,recall,mrr,ndcg}@k", "official", "official_metric", "corpus"?: {...},
+        "examples"?: [...], "confusion"?: [...], "misses"?: int}`` (official cut-offs: ``ks`` and 1, 5, 10).
     """
     keys = list(ks) if 1 in ks else [1, *ks]
+    oks = _official_ks(ks, official)
     per: dict[str, list[float]] = {}
     chance, sizes = [], []
     margins = np.full(len(plan.examples), np.nan)
@@ -86,13 +98,14 @@ def score_plan(
         sizes.append(len(ci))
         chance.append(1.0 / len(ci))
         if plan.missing_rows[row]:
-            m = dict.fromkeys(ranking_metrics(np.zeros(1), 0, keys), 0.0)
+            m = dict.fromkeys([*ranking_metrics(np.zeros(1), 0, keys), *official_metrics(np.zeros(1), 0, oks)], 0.0)
         else:
             scores = emb[ci].astype(np.float64) @ emb[qi].astype(np.float64)
             m = ranking_metrics(scores, ex.positive, keys, tol)
             margins[row], best_neg = margin_of(scores, ex.positive)
             if conf is not None and m["hit@1"] == 0.0:
                 conf.add(row, best_neg)
+            m.update(official_metrics(scores, ex.positive, oks))
         for k, v in m.items():
             per.setdefault(k, []).append(v)
     out: dict[str, Any] = {
@@ -104,8 +117,9 @@ def score_plan(
         "num_candidates": float(np.mean(sizes)),
     }
     out.update({k: float(np.mean(v)) for k, v in per.items() if k != "hit@1"})
+    out["official"], out["official_metric"] = out[official], official
     if corpus:
-        out["corpus"] = _score_corpus(plan, emb, keys, tol)
+        out["corpus"] = _score_corpus(plan, emb, keys, tol, official)
     if n_examples:
         out["examples"] = [_view(plan, emb, int(r), keys, tol, margins[r]) for r in select_rows(margins, n_examples)]
     if conf is not None:
@@ -123,22 +137,33 @@ def _view(plan: Plan, emb: np.ndarray, row: int, keys: Sequence[int], tol: float
     return example_view(plan, row, scores, ranking_metrics(scores, ex.positive, keys, tol), margin)
 
 
-def _score_corpus(plan: Plan, emb: np.ndarray, ks: Sequence[int], tol: float) -> dict[str, float]:
-    corpus = np.unique(np.concatenate(plan.cand_idx))
+def _official_ks(ks: Sequence[int], official: str) -> list[int]:
+    """Official cut-offs: ``ks``, VLM2Vec's 1, 5, 10 and the headline's own."""
+    return sorted({*ks, *OFFICIAL_KS, int(official.rsplit("@", 1)[1])})
+
+
+def _score_corpus(plan: Plan, emb: np.ndarray, ks: Sequence[int], tol: float, official: str) -> dict[str, Any]:
+    """Every query against all distinct candidates; official ties break by first appearance in the candidate lists
+    (the order of VLM2Vec's candidate dict in ``eval_type: global``)."""
+    corpus = np.unique(np.concatenate(plan.cand_idx))  # side indices number inputs in order of first appearance
+    oks = _official_ks(ks, official)
     pos_in = {int(c): i for i, c in enumerate(corpus)}
     c_emb = emb[corpus].astype(np.float64)
     per: dict[str, list[float]] = {}
     for row, qi in enumerate(plan.query_idx):
         ex = plan.examples[row]
         if plan.missing_rows[row]:
-            m = dict.fromkeys(ranking_metrics(np.zeros(1), 0, ks), 0.0)
+            m = dict.fromkeys([*ranking_metrics(np.zeros(1), 0, ks), *official_metrics(np.zeros(1), 0, oks)], 0.0)
         else:
             scores = c_emb @ emb[qi].astype(np.float64)
             scores[plan.missing[corpus]] = -np.inf
-            m = ranking_metrics(scores, pos_in[int(plan.cand_idx[row][ex.positive])], ks, tol)
+            pos = pos_in[int(plan.cand_idx[row][ex.positive])]
+            m = ranking_metrics(scores, pos, ks, tol)
+            m.update(official_metrics(scores, pos, oks))
         for k, v in m.items():
             per.setdefault(k, []).append(v)
-    out = {k: float(np.mean(v)) for k, v in per.items()}
+    out: dict[str, Any] = {k: float(np.mean(v)) for k, v in per.items()}
+    out["official"], out["official_metric"] = out[official], official
     out["corpus_size"] = int(corpus.size)
     return out
 
@@ -200,8 +225,9 @@ def evaluate(
 
     Returns:
         ``{"datasets": {name: {"hit@1", "n", "missing_images", "chance", "meta_task", "split", ...}},
-        "meta_tasks": {m: {"hit@1", "datasets"}}, "splits": {"IND"/"OOD": {...}}, "overall": float,
-        "mean_hit@1": float (= overall), "means": {metric: mean over datasets}, "encode": {counts},
+        "meta_tasks": {m: {"hit@1", "official", "datasets"}}, "splits": {"IND"/"OOD": {...}}, "overall": float,
+        "mean_hit@1": float (= overall), "official_overall": float (mean of the datasets' ``official``), "means":
+        {metric: mean over datasets}, "encode": {counts},
         "warnings": [lines printed about missing or unreadable images]}``; each
         dataset also has ``seconds`` and its ``encode`` counts (:data:`RUN_INFO`: they depend on the run).
     """
@@ -237,7 +263,10 @@ def evaluate(
         want_corpus = corpus == "all" or name in corpus
         info = task_info(name, task_meta)
         confusion = bool(n_examples) and info["meta_task"] == "CLS"
-        d = score_plan(plan, emb, ks=ks, corpus=want_corpus, n_examples=n_examples, confusion=confusion)
+        official = official_headline(_task_metric(name, info, task_meta))
+        d = score_plan(
+            plan, emb, ks=ks, corpus=want_corpus, n_examples=n_examples, confusion=confusion, official=official
+        )
         d.update(meta_task=info["meta_task"], split=info["split"])
         d["seconds"] = round(time.perf_counter() - t0, 3)
         d["encode"] = {**stats, "unique": len(plan.sides)}
@@ -245,11 +274,17 @@ def evaluate(
         if show_progress_bar:
             rate = d["n"] / d["seconds"] if d["seconds"] > 0 else float("inf")
             dist.print0(
-                f"{name}: hit@1 {d['hit@1']:.4f} (chance {d['chance']:.4f}, n={d['n']}, missing images "
+                f"{name}: hit@1 {d['hit@1']:.4f} ({d['official_metric']} {d['official']:.4f}, "
+                f"chance {d['chance']:.4f}, n={d['n']}, missing images "
                 f"{d['missing_images']}) in {d['seconds']:.1f}s, {rate:.1f} rows/s "
                 f"({stats['encoded']} inputs encoded, {stats['cached']} cached)"
             )
     out.update(aggregate(out["datasets"]))
+    off = aggregate(out["datasets"], "official")  # the same grouping over the MMEB-official headline
+    for group in ("meta_tasks", "splits"):
+        for g, v in off[group].items():
+            out[group][g]["official"] = v["official"]
+    out["official_overall"] = off["overall"]
     out["mean_hit@1"] = out["overall"]
     out["warnings"] = warnings
     metrics = [k for k in next(iter(out["datasets"].values()), {}) if k not in NOT_METRICS]
@@ -273,10 +308,17 @@ NOT_METRICS = frozenset(
         "misses",
         "seconds",
         "encode",
+        "official_metric",
     }
 )
 #: per-dataset keys that depend on how the evaluation ran (time, cache), not on the model and data
 RUN_INFO = ("seconds", "encode")
+
+
+def _task_metric(name: str, info: dict[str, Any], task_meta: dict[str, dict[str, Any]] | None) -> str | None:
+    """The task's metric name (``"ndcg@5"`` for visdoc), from its task info or its ``meta.json`` entry; None = hit@1."""
+    metric = info.get("metric") or (task_meta or {}).get(name, {}).get("metric")
+    return str(metric) if metric else None
 
 
 def _progress_factory(name: str) -> Callable[[int], Progress]:

@@ -2,10 +2,13 @@
 
 ``scores.md`` follows the layout of the VLM2Vec paper (arXiv 2410.05160, Table 2): per-dataset
 Precision@1 grouped by meta-task, then one summary row with the CLS / VQA / RET / VG means, the
-IND / OOD means and the overall mean, in percent. Each dataset row also shows its chance level (the mean
-of ``1 / candidates``), the gain over it (hit@1 - chance), recall@k, MRR, NDCG@5, missing images and the
-time it took; warnings (random weights, missing images), the model's components and its training recipe
-come first, the timing totals last. ``examples.html`` (:mod:`mmembed.eval.report_html`) is one
+IND / OOD means and the overall mean, in percent. Two score definitions stand side by side
+(:data:`mmembed.eval.metrics.SCORE_DEFINITIONS`, also written to ``scores.json``): ``hit@1`` is mmembed's
+tie-aware headline (a constant model scores chance), ``official (MMEB)`` is VLM2Vec's (the positive wins ties;
+NDCG@5 for NDCG tasks such as visdoc), the number comparable with published MMEB tables. Each dataset row also
+shows its chance level (the mean of ``1 / candidates``), the gain over it (hit@1 - chance), recall@k, MRR,
+NDCG@5, missing images and the time it took; warnings (random weights, missing images), the model's components
+and its training recipe come first, the timing totals last. ``examples.html`` (:mod:`mmembed.eval.report_html`) is one
 self-contained page with a summary table and, per dataset, the worst misses and near-ties.
 """
 
@@ -16,6 +19,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from mmembed.eval.metrics import SCORE_DEFINITIONS
 from mmembed.eval.recipe import model_markdown
 from mmembed.eval.report_html import examples_html
 from mmembed.eval.tasks import META_TASKS
@@ -54,6 +58,7 @@ def write_scores(
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "versions": _versions(),
         "protocol": "MMEB: per-query candidate lists, tie-aware hit@1; means are unweighted over datasets",
+        "score_definitions": SCORE_DEFINITIONS,
         **(extra or {}),
     }
     paths = {"json": out / "scores.json", "md": out / "scores.md", "html": out / "examples.html"}
@@ -73,6 +78,23 @@ def _gain(x: float | None, chance: float | None) -> str:
     return f"{100 * (x - chance):+.1f}"
 
 
+def _official(d: dict[str, Any]) -> str:
+    """The official headline in percent, its metric named when it is not hit@1 (``71.2 ndcg@5``)."""
+    cell = _pct(d.get("official"))
+    metric = d.get("official_metric") or "official_hit@1"
+    return cell if cell == "-" or metric == "official_hit@1" else f"{cell} {metric.removeprefix('official_')}"
+
+
+#: the note under the tables that says which number is which
+OFFICIAL_NOTE = (
+    "hit@1 is tie-aware (tied candidates count as the expected value over a random order: a constant model "
+    "scores chance); **official (MMEB)** is VLM2Vec's definition (the positive, listed first, wins ties, so a "
+    "constant model scores 100 there; NDCG@5 for NDCG tasks such as visdoc) and is the number comparable with "
+    "published MMEB tables. Both are in "
+    "scores.json (`score_definitions`)."
+)
+
+
 def _rate(n: float, seconds: float | None) -> str:
     return "-" if not seconds else f"{n / seconds:.1f}"
 
@@ -86,7 +108,8 @@ def _recall_keys(ds: dict[str, dict[str, Any]]) -> list[str]:
 
 def _dataset_table(ds: dict[str, dict[str, Any]]) -> list[str]:
     recalls = _recall_keys(ds)
-    heads = ["Meta-task", "Dataset", "Split", "n", "hit@1", "chance", "gain", *recalls, "MRR", "NDCG@5"]
+    heads = ["Meta-task", "Dataset", "Split", "n", "hit@1", "official (MMEB)", "chance", "gain", *recalls, "MRR"]
+    heads.append("NDCG@5")
     heads += ["missing images", "s", "rows/s"]
     lines = ["| " + " | ".join(heads) + " |", "|" + "---|" * len(heads)]
     order = [*META_TASKS] + sorted({d.get("meta_task") or "-" for d in ds.values()} - set(META_TASKS))
@@ -94,7 +117,15 @@ def _dataset_table(ds: dict[str, dict[str, Any]]) -> list[str]:
         for name, d in ds.items():
             if (d.get("meta_task") or "-") != mt:
                 continue
-            cells = [mt, name, d.get("split") or "-", str(d["n"]), _pct(d["hit@1"]), _pct(d.get("chance"))]
+            cells = [
+                mt,
+                name,
+                d.get("split") or "-",
+                str(d["n"]),
+                _pct(d["hit@1"]),
+                _official(d),
+                _pct(d.get("chance")),
+            ]
             cells.append(_gain(d["hit@1"], d.get("chance")))
             cells += [_pct(d.get(k)) for k in recalls]
             cells += [_pct(d.get("mrr")), _pct(d.get("ndcg@5")), str(d["missing_images"])]
@@ -117,12 +148,14 @@ def _summary(scores: dict[str, Any]) -> list[str]:
     hit = [_pct(v["hit@1"]) for _, v in groups] + [f"**{_pct(scores['overall'])}**"]
     chances = [_group_chance(ds, v.get("datasets", [])) for _, v in groups] + [_group_chance(ds, list(ds))]
     values = [v["hit@1"] for _, v in groups] + [scores["overall"]]
+    official = [_pct(v.get("official")) for _, v in groups] + [_pct(scores.get("official_overall"))]
     lines = ["Summary (hit@1, %, unweighted means over datasets; gain = hit@1 - chance):", ""]
     lines += ["| " + " | ".join(heads) + " |", "|" + "---|" * len(heads)]
     lines.append("| hit@1 | " + " | ".join(hit) + " |")
+    lines.append("| official (MMEB) | " + " | ".join(official) + " |")
     lines.append("| chance | " + " | ".join(_pct(c) for c in chances) + " |")
     lines.append("| gain | " + " | ".join(_gain(v, c) for v, c in zip(values, chances)) + " |")
-    return [*lines, ""]
+    return [*lines, "", OFFICIAL_NOTE, ""]
 
 
 def _timing(scores: dict[str, Any]) -> list[str]:
@@ -158,11 +191,14 @@ def scores_markdown(scores: dict[str, Any]) -> str:
     lines += _summary(scores)
     corpus = {n: d["corpus"] for n, d in ds.items() if "corpus" in d}
     if corpus:
-        keys = [k for k in next(iter(corpus.values())) if k != "corpus_size"]
+        first = next(iter(corpus.values()))
+        keys = [k for k in first if k != "corpus_size" and not k.startswith("official")]  # tie-aware, then the official
         lines += ["Corpus-level retrieval (each query against all candidates of its dataset, %):", ""]
-        lines += ["| Dataset | corpus | " + " | ".join(keys) + " |", "|---|---|" + "---|" * len(keys)]
+        heads = [*keys, "official (MMEB)"] if "official" in first else keys
+        lines += ["| Dataset | corpus | " + " | ".join(heads) + " |", "|---|---|" + "---|" * len(heads)]
         for n, c in corpus.items():
-            lines.append(f"| {n} | {c['corpus_size']} | " + " | ".join(_pct(c[k]) for k in keys) + " |")
+            cells = [_pct(c.get(k)) for k in keys] + ([_official(c)] if "official" in first else [])
+            lines.append(f"| {n} | {c['corpus_size']} | " + " | ".join(cells) + " |")
         lines.append("")
     lines += _timing(scores)
     return "\n".join(lines).rstrip("\n") + "\n"

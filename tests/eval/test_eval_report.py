@@ -115,8 +115,8 @@ def test_scores_md_and_json_have_chance_gain_recall_timing_and_the_recipe(tmp_pa
     for col in ("| chance |", "| gain |", "| recall@5 |", "| recall@10 |", "| s |", "| rows/s |"):
         assert col in head, col
     row = next(ln for ln in md.splitlines() if ln.startswith("| CLS | N24News |")).split("|")
-    assert row[6].strip() == "25.0"  # chance: 4 candidates
-    assert row[7].strip() == f"{float(row[5]) - 25.0:+.1f}"  # gain = hit@1 - chance
+    assert row[7].strip() == "25.0"  # chance: 4 candidates (row[6] is the official score)
+    assert row[8].strip() == f"{float(row[5]) - 25.0:+.1f}"  # gain = hit@1 - chance
     assert "| chance |" in md and "Timing: 2 dataset(s), 12 rows in" in md
     assert "Training recipe: `" in md and "loss.type: `infonce`" in md and "train.lr: `0.002`" in md
     assert "`hf_causal_lm backbone`" in md and "`mlp depth=2`" in md and "`last_token`" in md
