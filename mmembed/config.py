@@ -103,7 +103,9 @@ class DataCfg:
 
     train: str | None = None  # a manifest YAML, a directory of MMEB parquet/JSONL files, or one file
     eval: str | None = None
-    image_root: str | None = None  # defaults to the data file's folder
+    # default: an images/ or eval_images/ folder beside the data when there is one (MMEB downloads), else each
+    # data file's folder (mmembed.data.manifest, docs/mmeb_parsing.md §4)
+    image_root: str | None = None
     strict: bool = False  # raise on the first bad sample instead of skipping and counting it
     num_workers: int = 0
     max_pixels: int = 89_478_485

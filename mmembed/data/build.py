@@ -10,6 +10,8 @@ Training::
         ckpt["data"] = loader.state_dict()      # the position: nothing replayed or skipped on resume
     loader.skips                                # SkipCounter merged from the workers (cumulative)
 
+``data.train`` / ``data.eval`` may be an MMEB download as it is (a folder of subset folders, one dataset per
+subset, images found beside it: :mod:`mmembed.data.manifest`, docs/mmeb_parsing.md §4).
 ``data.train`` pointing at tar shards (a directory with ``*.tar`` / ``shards.json``) gives a
 :class:`WdsLoader`; anything else (manifest, directory or file of parquet/JSONL) a map-style
 :class:`StepLoader` whose global batch at each step is independent of the number of ranks.
@@ -19,6 +21,7 @@ same order (one rank).
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +35,8 @@ from mmembed.data.skips import SkipCounter
 from mmembed.data.wds import INDEX_NAME, WdsLoader, WdsStream, list_shards
 
 __all__ = ["build_train_loader", "build_train_batches", "build_eval_sets", "is_shard_spec"]
+
+log = logging.getLogger(__name__)
 
 
 def is_shard_spec(spec: str | Path) -> bool:
@@ -51,6 +56,7 @@ def build_train_batches(
 ) -> TrainBatches:
     """The map-style per-step batches for ``data.train`` (a manifest, directory or file)."""
     specs = resolve_datasets(_get(cfg, "train"), _get(cfg, "image_root"))
+    _warn_ood(specs)
     placeholder = getattr(processor, "placeholder", "<image>")
     max_pixels = _get(cfg, "max_pixels", 89_478_485)
     datasets = [SampleDataset(s, placeholder=placeholder, max_pixels=max_pixels, seed=seed) for s in specs]
@@ -75,6 +81,25 @@ def build_train_batches(
         length=length,
         strict=bool(_get(cfg, "strict", False)),
     )
+
+
+def _warn_ood(specs: list[Any]) -> list[str]:
+    """Warn (and return the names) when training reads MMEB-V1 out-of-distribution eval sets.
+
+    The ``TIGER-Lab/MMEB-train`` download also holds subsets such as ImageNet-A, ImageNet-R and FashionIQ, which
+    MMEB scores as OOD; VLM2Vec trains on the 20 IND subsets it names (``--subset_name``), so a whole folder read as
+    it is would leak them into training.
+    """
+    from mmembed.eval.tasks import task_info  # lazy: mmembed.eval imports this package
+
+    ood = [s.name for s in specs if task_info(s.name)["split"] == "OOD"]
+    if ood:
+        log.warning(
+            "training on %s, scored as out-of-distribution by MMEB-V1; list the training subsets in a manifest "
+            "('subsets: [...]', docs/mmeb_parsing.md §4) to keep them out",
+            ", ".join(ood),
+        )
+    return ood
 
 
 def build_train_loader(

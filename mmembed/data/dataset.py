@@ -176,7 +176,8 @@ def read_eval_set(
             fmt = spec.format or detect_format(src.columns, str(src.path))
             if fmt not in EVAL_FORMATS:
                 raise ValueError(f"{src.path}: format {fmt} is not an eval format (expected {EVAL_FORMATS})")
-            opts = ParseOptions(placeholder, spec.image_root or src.path.parent, max_text_chars)
+            root = spec.image_root or src.path.parent
+            opts = ParseOptions(placeholder, root, max_text_chars, dataset=spec.name, family=spec.family)
             n = min(len(src), spec.cap) if spec.cap else len(src)
             for j in range(n):
                 try:

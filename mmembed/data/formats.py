@@ -1,4 +1,4 @@
-"""Row formats -> :class:`Sample` / :class:`EvalExample` (docs/mmeb.md §1.3-1.4).
+"""Row formats -> :class:`Sample` / :class:`EvalExample` (docs/mmeb.md §1.3-1.4, docs/mmeb_parsing.md).
 
 Formats (detected from the column names, or named explicitly):
 
@@ -6,15 +6,19 @@ Formats (detected from the column names, or named explicitly):
   ``qry`` holds the instruction joined with the text; it stays text unless a manifest instruction
   says which inline prefix to strip (see :mod:`mmembed.data.instructions`). ``neg_*`` may be a string
   (one negative) or a list.
-- ``mmeb_eval``: ``qry_text, qry_img_path, tgt_text[list], tgt_img_path[list]``, positive first.
-- ``mmeb_eval_instruct``: the same plus ``qry_inst`` and ``tgt_inst``.
+- ``mmeb_eval``: ``qry_text, qry_img_path, tgt_text[list], tgt_img_path[list]``, positive first
+  (``TIGER-Lab/MMEB-eval``, read as VLM2Vec-V1 reads it).
+- ``mmeb_eval_instruct``: the same plus ``qry_inst`` and ``tgt_inst`` (``ziyjiang/MMEB_Test_Instruct``, read as
+  VLM2Vec-V2 reads it: per-family rules of :mod:`mmembed.data.mmeb_rules` for the MMEB datasets).
 - ``pairs``: mmembed's own JSONL (docs/data.md): ``{"query": SIDE, "positive": SIDE,
   "negatives": [SIDE, ...], "dataset"?: str}`` where SIDE is a string (text only) or
   ``{"text"?: str, "image"?: str, "images"?: [str], "instruction"?: str}``.
 
-The MMEB placeholder ``<|image_N|>`` is replaced by the backbone's placeholder (a parameter);
-it is dropped when the side has no image. Image paths are resolved against ``image_root``.
-Parsers raise :class:`BadSample` for a missing or mistyped field or an empty side.
+MMEB texts are kept as VLM2Vec keeps them (V1 ``src/dataset.py`` and V2 ``mmeb_dataset.py`` only swap the image
+token): trailing whitespace and newlines stay, because a last-token-pooled model sees them. The MMEB placeholder
+``<|image_N|>`` is replaced by the backbone's placeholder (a parameter); it is dropped when the side has no image.
+Image paths are resolved against ``image_root``. Parsers raise :class:`BadSample` for a missing or mistyped field
+or an empty side.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from mmembed.data.mmeb_rules import EvalRule, rule_for
 from mmembed.data.sample import Side
 from mmembed.data.skips import BadSample
 
@@ -75,11 +80,16 @@ class ParseOptions:
         image_root: folder that relative image paths are resolved against.
         max_text_chars: longer texts are cut to this many characters (``meta["text_truncated"]``);
             the tokenizer truncates to ``model.max_length`` anyway, this only bounds memory and time.
+        dataset: the dataset's name; for instructed eval rows it picks VLM2Vec-V2's parser family
+            (:func:`mmembed.data.mmeb_rules.family_of`).
+        family: the eval family to use instead (``image_cls``, ..., or ``generic``; a manifest's ``family``).
     """
 
     placeholder: str = "<image>"
     image_root: str | Path = "."
     max_text_chars: int = 20_000
+    dataset: str = ""
+    family: str | None = None
 
 
 def detect_format(columns: list[str] | set[str], where: str = "") -> str:
@@ -153,27 +163,42 @@ def _str_list(row: dict[str, Any], key: str, required: bool) -> list[str | None]
     return items
 
 
-def convert_text(text: str | None, has_image: bool, placeholder: str) -> str | None:
-    """Replace MMEB's ``<|image_N|>`` by ``placeholder`` (or drop it when the side has no image)."""
+def convert_text(text: str | None, has_image: bool, placeholder: str, strip: bool = True) -> str | None:
+    """Replace MMEB's ``<|image_N|>`` by ``placeholder`` (or drop it when the side has no image).
+
+    With ``strip=False`` (the MMEB formats) trailing whitespace is kept and leading whitespace is removed only
+    where a dropped marker left it; a text of whitespace only is None either way.
+    """
     if text is None:
         return None
     text = _MMEB_TOKEN.sub(placeholder if has_image else "", text)
-    text = text.strip()
-    return text or None
+    if strip:
+        text = text.strip()
+    elif not has_image:
+        text = text.lstrip()
+    return text if text.strip() else None
+
+
+def _strip_marker(instruction: str | None) -> str | None:
+    # the image's place comes from the layout: an instruction's own <|image_N|> would reach the model as text
+    # after the image (VLM2Vec's eval parsers strip it too)
+    return (_MMEB_TOKEN.sub("", instruction).strip() or None) if instruction else None
 
 
 def _side(
-    text: str | None, images: list[str | None], opts: ParseOptions, what: str, instruction: str | None = None
+    text: str | None,
+    images: list[str | None],
+    opts: ParseOptions,
+    what: str,
+    instruction: str | None = None,
+    strip: bool = True,
 ) -> tuple[Side, bool]:
     paths = [_resolve(p, opts.image_root) for p in images if p]
-    text = convert_text(text, bool(paths), opts.placeholder)
+    text = convert_text(text, bool(paths), opts.placeholder, strip)
     cut = False
     if text is not None and len(text) > opts.max_text_chars:
         text, cut = text[: opts.max_text_chars], True
-    # the image's place comes from the layout: an instruction's own <|image_N|> would reach the model as text
-    # after the image (VLM2Vec's eval parsers strip it too)
-    instruction = _MMEB_TOKEN.sub("", instruction).strip() if instruction else None
-    side = Side(instruction=instruction or None, text=text, images=paths)
+    side = Side(instruction=_strip_marker(instruction), text=text, images=paths)
     if side.is_empty():
         raise BadSample("empty_text", f"{what} has neither text nor an image")
     return side, cut
@@ -209,9 +234,12 @@ def parse_row(row: dict[str, Any], fmt: str, opts: ParseOptions) -> tuple[Side, 
 def _parse_mmeb_train(row: dict[str, Any], opts: ParseOptions):
     cut = []
     # a list of image paths (several images in one side) is accepted for the query and the positive
-    q, c = _side(_get(row, "qry", str, True), _str_list(row, "qry_image_path", False), opts, "query")
+    # texts as VLM2Vec trains on them (mmeb_dataset.py data_prepare_v4: only the image token is swapped)
+    q, c = _side(_get(row, "qry", str, True), _str_list(row, "qry_image_path", False), opts, "query", strip=False)
     cut.append(c)
-    p, c = _side(_get(row, "pos_text", str, True), _str_list(row, "pos_image_path", False), opts, "positive")
+    p, c = _side(
+        _get(row, "pos_text", str, True), _str_list(row, "pos_image_path", False), opts, "positive", strip=False
+    )
     cut.append(c)
     neg_t, neg_i = _str_list(row, "neg_text", False), _str_list(row, "neg_image_path", False)
     if neg_t and neg_i and len(neg_t) != len(neg_i):
@@ -222,7 +250,7 @@ def _parse_mmeb_train(row: dict[str, Any], opts: ParseOptions):
         i = neg_i[j] if j < len(neg_i) else None
         if not (t and t.strip()) and not i:
             continue  # an empty negative slot means "no negative"
-        n, c = _side(t, [i], opts, f"negative {j}")
+        n, c = _side(t, [i], opts, f"negative {j}", strip=False)
         negatives.append(n)
         cut.append(c)
     return q, p, negatives, {"text_truncated": True} if any(cut) else {}
@@ -267,16 +295,38 @@ def _parse_pairs(row: dict[str, Any], opts: ParseOptions):
 
 
 def parse_eval_row(row: dict[str, Any], fmt: str, opts: ParseOptions) -> EvalExample:
-    """One MMEB-eval row (plain or instructed) -> :class:`EvalExample`. Raises :class:`BadSample`."""
+    """One MMEB-eval row (plain or instructed) -> :class:`EvalExample`. Raises :class:`BadSample`.
+
+    ``mmeb_eval`` rows are read as VLM2Vec-V1 reads them: texts as they are, no instruction. ``mmeb_eval_instruct``
+    rows follow VLM2Vec-V2's parser for the dataset's family (``opts.family``, else the family of ``opts.dataset``;
+    :mod:`mmembed.data.mmeb_rules`); rows of other datasets get the generic rule: ``qry_inst`` on the query,
+    ``tgt_inst`` on every candidate, no suffix.
+    """
     if not isinstance(row, dict):
         raise BadSample("bad_field", f"expected a JSON object per row, got {type(row).__name__}")
     if fmt not in EVAL_FORMATS:
         raise BadSample("bad_format", f"format {fmt!r} is not an eval format ({', '.join(EVAL_FORMATS)})")
+    texts, imgs = _candidate_fields(row)
     instructed = fmt == "mmeb_eval_instruct"
+    rule = rule_for(opts.family, opts.dataset) if instructed else None
+    if rule is not None:
+        return _parse_v2(row, texts, imgs, rule, opts)
     q_inst = _get(row, "qry_inst", str, False) if instructed else None
     t_inst = _get(row, "tgt_inst", str, False) if instructed else None
+    strip = instructed  # V1 texts stay as they are (src/dataset.py EvalDataset.__getitem__, v1 branch)
     q_imgs = _str_list(row, "qry_img_path", False)
-    query, cut = _side(_get(row, "qry_text", str, False), q_imgs, opts, "query", instruction=q_inst)
+    query, cut = _side(_get(row, "qry_text", str, False), q_imgs, opts, "query", q_inst, strip=strip)
+    candidates, keys = [], []
+    for j, t in enumerate(texts):
+        i = imgs[j] if imgs else None
+        side, c = _side(t, [i], opts, f"candidate {j}", instruction=t_inst, strip=strip)
+        candidates.append(side)
+        keys.append(f"{t or ''}\x00{i or ''}")
+        cut = cut or c
+    return EvalExample(query=query, candidates=candidates, candidate_keys=keys, meta={"text_truncated": cut})
+
+
+def _candidate_fields(row: dict[str, Any]) -> tuple[list[str | None], list[str | None]]:
     texts = _str_list(row, "tgt_text", True)
     if isinstance(row.get("tgt_text"), str):
         raise BadSample("bad_field", "field 'tgt_text': expected a list of candidates, got a string")
@@ -285,11 +335,47 @@ def parse_eval_row(row: dict[str, Any], fmt: str, opts: ParseOptions) -> EvalExa
         raise BadSample("bad_field", f"tgt_text has {len(texts)} candidates but tgt_img_path has {len(imgs)}")
     if not texts:
         raise BadSample("missing_field", "field 'tgt_text' has no candidates")
+    return texts, imgs
+
+
+def _v2_side(instruction: str | None, text: str, images: list[str], opts: ParseOptions, what: str) -> tuple[Side, bool]:
+    """A side whose text already carries VLM2Vec-V2's suffix (so it is never stripped)."""
+    cut = len(text) > opts.max_text_chars
+    text = text[: opts.max_text_chars] if cut else text
+    side = Side(instruction=_strip_marker(instruction), text=text or None, images=images)
+    if side.is_empty():
+        raise BadSample("empty_text", f"{what} has neither text nor an image")
+    return side, cut
+
+
+def _parse_v2(
+    row: dict[str, Any], texts: list[str | None], imgs: list[str | None], rule: EvalRule, opts: ParseOptions
+) -> EvalExample:
+    """An instructed row as VLM2Vec-V2's ``rule.family`` parser builds it (docs/mmeb_parsing.md)."""
+    q_paths = [_resolve(p, opts.image_root) for p in _str_list(row, "qry_img_path", False) if p]
+    q_paths = q_paths if rule.query_image else []  # image_t2i_eval.py: query_images = [None]
+    q_text = convert_text(_get(row, "qry_text", str, False), bool(q_paths), opts.placeholder, strip=False) or ""
+    if rule.squash_newline:
+        q_text = q_text.replace(" \n", "\n")
+    query, cut = _v2_side(_get(row, "qry_inst", str, False), q_text + rule.query_suffix, q_paths, opts, "query")
+    t_inst = _get(row, "tgt_inst", str, False)
+    # image_t2i_eval.py / image_i2i_vg_dataset.py: "if tgt_captions[0].strip()", decided once per row
+    captions = rule.image_candidates and bool(convert_text(texts[0], False, "", strip=True))
     candidates, keys = [], []
     for j, t in enumerate(texts):
-        i = imgs[j] if imgs else None
-        side, c = _side(t, [i], opts, f"candidate {j}", instruction=t_inst)
+        path = imgs[j] if imgs and rule.image_candidates else None
+        paths = [_resolve(path, opts.image_root)] if path else []
+        if not rule.image_candidates:  # cls / qa / i2t: the label text alone
+            side, c = _v2_side(
+                None, convert_text(t, False, opts.placeholder, strip=False) or "", [], opts, f"candidate {j}"
+            )
+        elif captions:
+            body = (convert_text(t, bool(paths), opts.placeholder, strip=False) or "").replace(" \n", "\n")
+            side, c = _v2_side(t_inst, body + rule.caption_suffix, paths, opts, f"candidate {j}")
+        else:
+            side, c = _v2_side(t_inst, rule.image_only_suffix, paths, opts, f"candidate {j}")
         candidates.append(side)
-        keys.append(f"{t or ''}\x00{i or ''}")
+        keys.append(f"{t or ''}\x00{path or ''}")
         cut = cut or c
-    return EvalExample(query=query, candidates=candidates, candidate_keys=keys, meta={"text_truncated": cut})
+    meta = {"text_truncated": cut, "eval_family": rule.family}
+    return EvalExample(query=query, candidates=candidates, candidate_keys=keys, meta=meta)

@@ -1,8 +1,10 @@
 """Per-dataset instructions from the dataset manifest, with deterministic paraphrase sampling.
 
 A manifest entry may give ``query_instruction`` and ``target_instruction``, each a string or a list
-of paraphrases (MMEB's "diverse instruction" split). For each sample one paraphrase is picked from
-``hash(seed, dataset, row, side)``, so the choice is the same in every worker, rank and resumed run.
+of paraphrases. For each sample one paraphrase is picked from ``hash(seed, dataset, row, side)``, so the choice
+is the same in every worker, rank and resumed run. (MMEB-train's own paraphrases, its ``diverse_instruction``
+split, are whole rows read instead of ``original`` with a manifest ``split:``, as VLM2Vec reads them;
+see :mod:`mmembed.data.manifest`.)
 
 MMEB-train ``qry`` texts carry their instruction inline (``"<|image_1|> Represent the given image for
 classification."``). When a manifest instruction is set, an inline instruction is removed from the

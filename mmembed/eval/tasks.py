@@ -2,9 +2,11 @@
 
 MMEB-V1 (Jiang et al., "VLM2Vec", arXiv 2410.05160, Table 1) has 36 datasets in 4 meta-tasks
 (classification 10, VQA 10, retrieval 12, visual grounding 4). The 20 datasets of MMEB-train are
-in-distribution (IND), the other 16 out-of-distribution (OOD). Names are the file stems of
-``TIGER-Lab/MMEB-eval``; lookups ignore case and treat ``_``/``-`` alike, so the training name
-``ImageNet_1K`` finds ``ImageNet-1K``.
+in-distribution (IND), the other 16 out-of-distribution (OOD). Names are the subset folder names of
+``TIGER-Lab/MMEB-eval`` (``ImageNet-1K/test-00000-of-00001.parquet``), which is how a download read as it is
+names its datasets (:mod:`mmembed.data.manifest`); lookups ignore case and treat ``_``/``-`` alike, so the
+training name ``ImageNet_1K`` finds ``ImageNet-1K``. VLM2Vec-V2's parser for each of them is in
+:mod:`mmembed.data.mmeb_rules`.
 
 Other datasets get their meta-task from a ``meta.json`` (the demo set's format, written by
 :mod:`mmembed.data.synthetic`: ``{"tasks": {NAME: {"meta_task": "CLS", "split"?: "IND"}}}``) found

@@ -84,7 +84,9 @@ def test_eval_plain_and_instructed(tmp_path):
     make_image(tmp_path / "ev" / "c.png")
     sets = read_eval_set(tmp_path / "ev", placeholder="<image>")
     p = sets["plain"][0]
-    assert p.query.text == "<image> Classify:" and p.positive == 0
+    # V1 rows keep their text as it is, trailing space included (#13): VLM2Vec-V1's EvalDataset (src/dataset.py, v1
+    # branch) only swaps the image token, and a last-token-pooled model sees the trailing whitespace
+    assert p.query.text == "<image> Classify: " and p.positive == 0
     assert [c.text for c in p.candidates] == ["cat", "dog"]
     i = sets["inst"][0]
     assert i.query.instruction == "Find an image." and i.query.text == "a cat" and i.query.images == []
