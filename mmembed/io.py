@@ -15,7 +15,8 @@ Weights are safetensors only; nothing is ever unpickled. The directory is writte
 name and renamed when complete; its folders get mode ``0o777`` and its files ``0o666``, less the process umask
 (``drwxr-xr-x`` / ``-rw-r--r--`` under the usual 022), so a model saved on a shared cluster is readable by others.
 Format history: 1 had one ``reducer`` slot; 2 has ``merge`` and ``prune``
-(:func:`mmembed.config.upgrade_model_dict` converts 1).
+(:func:`mmembed.config.upgrade_model_dict` converts 1). Within a format, an argument added later with a new default
+is pinned to its old value for directories saved without it (:func:`pin_legacy_args`).
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ __all__ = [
     "save_model",
     "resolve_model_dir",
     "read_config",
+    "pin_legacy_args",
     "offline",
     "ModelDirError",
     "FORMAT_VERSION",
@@ -195,6 +197,7 @@ def resolve_model_dir(directory: Path, trust_remote_code: bool = False) -> tuple
     model_dict = dict(meta["model"])
     _check_no_download(model_dict, cfg_path, trust_remote_code)
     _import_plugins(meta.get("imports") or [], cfg_path)
+    model_dict = pin_legacy_args(model_dict)
     backbone = dict(model_dict["backbone"])
     for key in _LOCAL_KEYS:
         value = backbone.get(key)
@@ -203,6 +206,23 @@ def resolve_model_dir(directory: Path, trust_remote_code: bool = False) -> tuple
     model_dict["backbone"] = backbone
     weights = Path(_inside(directory, WEIGHTS_NAME, WEIGHTS_NAME, cfg_path))
     return cfg_path, model_dict, weights
+
+
+def pin_legacy_args(model_dict: dict[str, Any]) -> dict[str, Any]:
+    """Saved slots keep their behaviour when a component gains an argument whose default differs from what it did
+    before: a component lists such arguments with their old values in ``legacy_args``, and a saved slot that lacks
+    one (written before it existed; ``export_args`` writes every argument) gets the old value. A copy is returned."""
+    from mmembed.registry import ALL
+
+    out = dict(model_dict)
+    for slot, node in model_dict.items():
+        registry = ALL.get(slot)
+        if registry is None or not isinstance(node, dict) or node.get("type") not in registry:
+            continue
+        legacy = getattr(registry.get(node["type"]), "legacy_args", None) or {}
+        if any(k not in node for k in legacy):
+            out[slot] = {**legacy, **node}
+    return out
 
 
 def read_config(cfg_path: Path) -> dict[str, Any]:

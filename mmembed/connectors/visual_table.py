@@ -5,10 +5,14 @@ AIDC-AI/Ovis ``ovis/model/visual_tokenizer/base_visual_tokenizer.py`` and ``mode
 
 Per patch r_i: ``logits_i = LayerNorm(W r_i)`` (W without bias, LayerNorm over the K - 2 atom ids),
 ``p_i = softmax(logits_i)`` in fp32 (or hard Gumbel-softmax / straight-through argmax), ``v_i = p_i^T E`` with
-E (K, d). The last two ids are the image begin/end indicators: each image becomes
-``[E[K-2]; v_1..v_n; E[K-1]]``, so :meth:`VisualTable.num_tokens` is ``n + 2`` and the processor's placeholder
-run already holds the indicator rows. Optional ``hidden_stride`` s concatenates s x s neighbours (space-to-depth,
-grid zero-padded to a multiple of s) before the head.
+E (K, d). Straight-through argmax follows Ovis's ``st_argmax`` as ``BaseVisualTokenizer.tokenize`` calls it
+(``ovis/model/visual_tokenizer/base_visual_tokenizer.py``): applied to the raw logits, so the forward value is the
+one-hot of the argmax and the gradient reaches the logits unchanged (identity), not through a softmax.
+
+The last two ids are the image begin/end indicators: each image becomes ``[E[K-2]; v_1..v_n; E[K-1]]``, so
+:meth:`VisualTable.num_tokens` is ``n + 2`` and the processor's placeholder run already holds the indicator rows.
+Optional ``hidden_stride`` s concatenates s x s neighbours (space-to-depth, grid zero-padded to a multiple of s)
+before the head.
 
 Memory: without gradients, images are processed one at a time, so at most one image's (n, K) probabilities exist.
 """
@@ -25,7 +29,7 @@ from mmembed.connectors.base import Connector
 from mmembed.registry import CONNECTORS
 from mmembed.types import ConfigError
 
-__all__ = ["VisualTable", "space_to_depth"]
+__all__ = ["VisualTable", "space_to_depth", "straight_through_argmax"]
 
 _TOKENIZE = ("softmax", "gumbel", "st")
 N_INDICATORS = 2
@@ -45,6 +49,20 @@ def space_to_depth(tokens: torch.Tensor, grid: tuple[int, int], s: int) -> tuple
     return x, (hh, ww)
 
 
+def straight_through_argmax(logits: torch.Tensor) -> torch.Tensor:
+    """(..., V) logits -> (..., V) one-hot of the argmax whose gradient w.r.t. ``logits`` is the identity.
+
+    Ovis ``BaseVisualTokenizer.tokenize`` (``tokenize_function="st_argmax"``) computes
+    ``one_hot - logits.detach() + logits`` on the head's logits (its inner function names them ``y_soft`` but is
+    called with the logits). With gradients off the exact one-hot is returned (the expression can differ from it by
+    a rounding error in the hot entry), so every inference row is exactly a table row.
+    """
+    hard = F.one_hot(logits.argmax(dim=-1), logits.shape[-1]).to(logits.dtype)
+    if not torch.is_grad_enabled():
+        return hard
+    return hard - logits.detach() + logits
+
+
 @CONNECTORS.register("visual_table")
 class VisualTable(Connector):
     """Visual tokenizer head + visual embedding table (VET), with begin/end indicator rows.
@@ -54,7 +72,8 @@ class VisualTable(Connector):
         out_dim: LLM width d (injected).
         vocab_size: K, including the 2 indicator ids (Ovis2.5: 65536; v1 scripts 131072).
         tokenize: ``softmax`` (default, as every released Ovis script), ``gumbel`` (hard Gumbel-softmax with
-            ``tau`` in training; straight-through argmax in eval) or ``st`` (straight-through argmax).
+            ``tau`` in training; straight-through argmax in eval) or ``st`` (straight-through argmax on the logits,
+            Ovis's ``st_argmax``: :func:`straight_through_argmax`).
         tau: Gumbel temperature (Ovis anneals 5.0 -> 0.05; set it from the training loop).
         hidden_stride: space-to-depth stride s (1 = off).
         init_std: std of the N(0, std) table init (Ovis: 1.0; use the LLM embedding std to match its scale).
@@ -102,13 +121,9 @@ class VisualTable(Connector):
         logits = self.head_norm(self.head(feats)).float()
         if self.tokenize == "gumbel" and self.training:
             return F.gumbel_softmax(logits, tau=self.tau, hard=True)
-        soft = logits.softmax(dim=-1)
         if self.tokenize == "softmax":
-            return soft
-        hard = F.one_hot(soft.argmax(dim=-1), soft.shape[-1]).to(soft.dtype)
-        if not torch.is_grad_enabled():
-            return hard  # exact one-hot rows at inference
-        return hard - soft.detach() + soft  # straight-through
+            return logits.softmax(dim=-1)
+        return straight_through_argmax(logits)
 
     def embed_probs(self, probs: torch.Tensor) -> torch.Tensor:
         """(..., K-2) or (..., K) probabilities -> (..., d) = p^T E (indicator columns are zero for atoms)."""

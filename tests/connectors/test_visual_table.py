@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from mmembed.connectors.visual_table import VisualTable, space_to_depth
+from mmembed.connectors.visual_table import VisualTable, space_to_depth, straight_through_argmax
 from tests.tiny_models import build, rows
 
 
@@ -68,3 +68,55 @@ def test_model_with_visual_table_encodes_and_is_invariant():
     texts, images, instr = rows()
     a = model.encode(texts=texts, images=images, instruction=instr, batch_size=5)
     assert abs(a - model.encode(texts=texts, images=images, instruction=instr, batch_size=1)).max() <= 1e-5
+
+
+def ovis_st_argmax(y_soft: torch.Tensor, dim: int) -> torch.Tensor:
+    """Port of AIDC-AI/Ovis ``ovis/model/visual_tokenizer/base_visual_tokenizer.py`` ``tokenize``'s ``st_argmax``,
+    which ``tokenize_function="st_argmax"`` calls with the head's logits."""
+    index = y_soft.max(dim, keepdim=True)[1]
+    y_hard = torch.zeros_like(y_soft, memory_format=torch.legacy_contiguous_format).scatter_(dim, index, 1.0)
+    return y_hard - y_soft.detach() + y_soft
+
+
+def old_st(logits: torch.Tensor) -> torch.Tensor:
+    """mmembed's ``st`` before issue #13: straight-through on the softmax probabilities."""
+    soft = logits.softmax(dim=-1)
+    hard = torch.nn.functional.one_hot(soft.argmax(dim=-1), soft.shape[-1]).to(soft.dtype)
+    return hard if not torch.is_grad_enabled() else hard - soft.detach() + soft
+
+
+def test_st_matches_ovis_st_argmax_forward_and_gradients():
+    torch.manual_seed(0)
+    logits = torch.randn(3, 7, 30) * 2
+    upstream = torch.randn(3, 7, 30)
+    ours_in, ref_in, old_in = (logits.clone().requires_grad_() for _ in range(3))
+    ours, ref = straight_through_argmax(ours_in), ovis_st_argmax(ref_in, dim=-1)
+    assert torch.equal(ours, ref)
+    (ours * upstream).sum().backward()
+    (ref * upstream).sum().backward()
+    assert torch.equal(ours_in.grad, ref_in.grad) and torch.equal(ours_in.grad, upstream)  # identity Jacobian
+    (old_st(old_in) * upstream).sum().backward()
+    assert not torch.allclose(old_in.grad, ref_in.grad)  # the softmax Jacobian the old mode used
+
+
+def test_st_connector_gradients_reach_the_head_as_in_ovis():
+    torch.manual_seed(0)
+    vt = VisualTable(in_dim=6, out_dim=10, vocab_size=32, tokenize="st").train()
+    feats, upstream = torch.randn(2, 9, 6), torch.randn(2, 9, 30)
+    (vt.probabilities(feats) * upstream).sum().backward()
+    ours = vt.head.weight.grad.clone()
+    vt.zero_grad()
+    (ovis_st_argmax(vt.head_norm(vt.head(feats)).float(), -1) * upstream).sum().backward()
+    assert torch.equal(ours, vt.head.weight.grad) and ours.abs().sum() > 0
+
+
+def test_st_inference_is_the_exact_one_hot_the_previous_mode_gave():
+    """Forward outputs of saved ``st`` models are unchanged (only gradients changed), so nothing is pinned."""
+    torch.manual_seed(0)
+    vt = VisualTable(in_dim=6, out_dim=10, vocab_size=256, tokenize="st").eval()
+    feats = torch.randn(4, 64, 6)
+    with torch.no_grad():
+        p = vt.probabilities(feats)
+        logits = vt.head_norm(vt.head(feats)).float()
+        assert torch.equal(p, old_st(logits)) and torch.equal(p.sum(-1), torch.ones(4, 64))
+        torch.testing.assert_close(p, ovis_st_argmax(logits, -1), rtol=0, atol=1e-6)
