@@ -48,6 +48,7 @@ def build_model(
 def build_from_cfg(cfg: ModelCfg) -> EmbeddingModel:
     """The model of a validated :class:`ModelCfg` (random init where no weights are named)."""
     backbone = instantiate(BACKBONES, cfg.backbone)
+    backbone.use_layout(cfg.layout)
     d, depth = backbone.hidden_size, backbone.num_layers
     vision = instantiate(VISION, cfg.vision) if cfg.vision is not None else None
     connector = None

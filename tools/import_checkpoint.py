@@ -11,7 +11,10 @@ Layouts understood:
 The ``ForConditionalGeneration`` model is loaded with its weights, the adapter is applied with peft and merged
 (``merge_and_unload``, as VLM2Vec does for evaluation, docs/mmeb.md §1.8), the LM head is dropped, and the base model
 (``.model``) becomes the mmembed backbone (``qwen2_vl`` or ``llava``, picked from ``config.model_type``) with
-last-token pooling and normalization (VLM2Vec's defaults). The output loads offline with ``mmembed.load``.
+last-token pooling and normalization (VLM2Vec's defaults), and VLM2Vec's own sequence layout and image processor
+(``model.layout: vlm2vec``, ``image_backend: pil``; docs/mmeb.md, "VLM2Vec's layout"), so the imported model gives
+the embeddings VLM2Vec's code gives (tests/test_vlm2vec_parity.py). ``--layout mmembed`` keeps mmembed's own.
+The output loads offline with ``mmembed.load``.
 """
 
 from __future__ import annotations
@@ -56,6 +59,8 @@ def import_checkpoint(
     normalize: bool = True,
     padding_side: str | None = None,
     dtype: str = "float32",
+    layout: str = "vlm2vec",
+    image_backend: str | None = "pil",
 ) -> Path:
     """Convert ``src`` (see the module docstring) into the mmembed model directory ``out``; return ``out``."""
     import transformers
@@ -74,9 +79,13 @@ def import_checkpoint(
         from peft import PeftModel
 
         full = PeftModel.from_pretrained(full, adapter_dir).merge_and_unload()
+    backbone = {"type": family, "name": base_name, "processor": proc_src, "pretrained": False, "dtype": dtype}
+    if image_backend:
+        backbone["image_backend"] = image_backend
     recipe = {
         "model": {
-            "backbone": {"type": family, "name": base_name, "processor": proc_src, "pretrained": False, "dtype": dtype},
+            "backbone": backbone,
+            "layout": layout,
             "pooler": {"type": pooling},
             "normalize": normalize,
             "padding_side": padding_side or side,
@@ -97,6 +106,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-normalize", action="store_true")
     ap.add_argument("--padding-side", choices=["left", "right"])
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    ap.add_argument("--layout", default="vlm2vec", choices=["vlm2vec", "mmembed"], help="sequence layout (VLM2Vec's)")
+    ap.add_argument("--image-backend", default="pil", choices=["pil", "torchvision"], help="image processor backend")
     args = ap.parse_args(argv)
     with torch.no_grad():
         path = import_checkpoint(
@@ -108,6 +119,8 @@ def main(argv: list[str] | None = None) -> int:
             normalize=not args.no_normalize,
             padding_side=args.padding_side,
             dtype=args.dtype,
+            layout=args.layout,
+            image_backend=args.image_backend,
         )
     print(f"wrote {path}")
     return 0

@@ -47,6 +47,9 @@ class Backbone(nn.Module):
     mrope: bool = False
     causal: bool = True
     processor: str = "composed"
+    #: the ``model.layout`` values this backbone implements (docs/data.md, "Layout")
+    layouts: tuple[str, ...] = ("mmembed",)
+    layout: str = "mmembed"
 
     # ------------------------------------------------------------------------------------------
     # what the builder asks
@@ -55,12 +58,30 @@ class Backbone(nn.Module):
     def check_slots(cls, cfg: Any, prefix: str = "model") -> None:
         """Refuse model slots this backbone cannot take (composed: a connector and token reduction need
         ``model.vision``). Runs in recipe validation, before anything is built."""
+        cls.check_layout(cfg, prefix)
         if cfg.vision is None:
             for slot in ("connector", "merge", "prune"):
                 if getattr(cfg, slot) is not None:
                     raise ConfigError(f"{prefix}.{slot}", f"model.{slot} needs a vision encoder (model.vision)")
         elif cfg.connector is None:
             raise ConfigError(f"{prefix}.connector", "a vision encoder needs a connector (e.g. {type: mlp})")
+
+    @classmethod
+    def check_layout(cls, cfg: Any, prefix: str = "model") -> None:
+        """Refuse a ``model.layout`` this backbone does not implement."""
+        layout = getattr(cfg, "layout", "mmembed")
+        if layout not in cls.layouts:
+            raise ConfigError(
+                f"{prefix}.layout",
+                f"backbone '{cfg.backbone['type']}' implements layout {', '.join(cls.layouts)}, not {layout!r} "
+                "(vlm2vec is VLM2Vec's own layout, for the native qwen2_vl and llava backbones)",
+            )
+
+    def use_layout(self, layout: str) -> None:
+        """Lay rows out as ``layout`` says (the builder calls this before building the visual path)."""
+        if layout not in self.layouts:
+            raise ConfigError("model.layout", f"{type(self).__name__} implements {self.layouts}, not {layout!r}")
+        self.layout = layout
 
     def visual_path(
         self, vision: nn.Module | None, connector: nn.Module | None, merger: nn.Module | None, pruner: Any

@@ -13,7 +13,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from mmembed.backbones.native import TINY_TEXT_CONFIG, ModuleRef, NativeVLM, load_hf_processor, load_native
+from mmembed.backbones.native import (
+    TINY_TEXT_CONFIG,
+    ModuleRef,
+    NativeVLM,
+    load_hf_processor,
+    load_native,
+    set_image_backend,
+)
 from mmembed.backbones.splice import image_runs
 from mmembed.registry import BACKBONES
 from mmembed.tiny import TINY_CLIP_VISION_CONFIG, build_tiny_tokenizer
@@ -89,6 +96,10 @@ class Llava(NativeVLM):
         dtype: ``float32`` / ``bfloat16`` / ``float16``.
         attn_implementation: ``sdpa`` (default), ``eager`` or ``flash_attention_2``.
         add_eos: append the tokenizer's EOS (last-token pooling reads it).
+        image_backend: ``pil`` | ``torchvision``: the image processor's backend (``None``: the processor's own).
+
+    ``model.layout: vlm2vec`` (docs/mmeb.md): ``<image>`` then a space before the instruction, the tokenizer's BOS,
+    no EOS (VLM2Vec's ``process_input_text`` and ``Llava_NEXT_process_fn``); positions are 1-D in both layouts.
     """
 
     image_text = "<image>"
@@ -112,6 +123,7 @@ class Llava(NativeVLM):
         dtype: str = "float32",
         attn_implementation: str = "sdpa",
         add_eos: bool = True,
+        image_backend: str | None = None,
     ) -> None:
         super().__init__()
         model, model_type, spec = load_native(
@@ -130,6 +142,7 @@ class Llava(NativeVLM):
             size = int(model.config.vision_config.image_size)
             model.config.image_grid_pinpoints = [[size, size]]
             proc.image_processor.image_grid_pinpoints = [[size, size]]
+        set_image_backend(proc, image_backend)
         self._setup(model, proc, add_eos, dtype, source=str(spec))
 
     def tokens_per_image(self) -> int:

@@ -21,7 +21,7 @@ from mmembed.backbones.base import Backbone, hidden_of
 from mmembed.types import ConfigError
 from mmembed.visual import VisualItem, VisualPath, has_pixels, merge_items
 
-__all__ = ["NativeVLM", "NativeVisual", "ModuleRef", "DTYPES", "VLM2VEC_LORA_TARGETS"]
+__all__ = ["NativeVLM", "NativeVisual", "ModuleRef", "DTYPES", "VLM2VEC_LORA_TARGETS", "set_image_backend"]
 
 #: VLM2Vec's LoRA targets, matched by module-name suffix (docs/mmeb.md §1.8). They hit every LLM
 #: projection; in the vision tower they hit CLIP/SigLIP attention (q/k/v/out_proj, LLaVA) and the Qwen2.5-VL ViT
@@ -69,6 +69,33 @@ class NativeVLM(Backbone):
     image_keys: tuple[str, ...] = ()
     #: a (N_img, 3) key whose row product is each image's number of ``pixel_values`` rows (Qwen's flat patches)
     patch_grid_key: str | None = None
+    layouts = ("mmembed", "vlm2vec")
+    #: ``layout: vlm2vec``: the text of each leading image, VLM2Vec's bare image token and a space
+    #: (``process_input_text`` in VLM2Vec's ``src/model/processor.py``: ``image_token + " " + prompt``)
+    vlm2vec_image_token: str = "<image>"
+
+    def use_layout(self, layout: str) -> None:
+        """``vlm2vec``: VLM2Vec's sequence (docs/mmeb.md, "VLM2Vec's layout"): the bare image token (no
+        vision-start/end markup) and a space before the instruction, no EOS (its processor calls add none, and
+        last-token pooling reads the last text token); Qwen's positions are 1-D (see :class:`Qwen2VL`)."""
+        super().use_layout(layout)
+        if layout == "vlm2vec":
+            self.add_eos = False
+
+    @property
+    def lead_text(self) -> str:
+        """The processor's text for each image that starts a row."""
+        return self.vlm2vec_image_token + " " if self.layout == "vlm2vec" else self.image_text
+
+    @property
+    def inline_text(self) -> str:
+        """The processor's text for an image inside the text (VLM2Vec replaces its placeholder in place)."""
+        return self.vlm2vec_image_token if self.layout == "vlm2vec" else self.image_text
+
+    @property
+    def text_positions(self) -> bool:
+        """Whether the processor gives 1-D ``position_ids`` (B, L) the model must use as they are."""
+        return False
 
     def _setup(self, model: Any, processor: Any, add_eos: bool, dtype: str, source: str) -> None:
         self.model = model
@@ -238,6 +265,34 @@ def load_hf_processor(spec: str) -> Any:
     from transformers import AutoProcessor
 
     return AutoProcessor.from_pretrained(spec)
+
+
+IMAGE_BACKENDS = ("pil", "torchvision")
+
+
+def set_image_backend(processor: Any, backend: str | None) -> None:
+    """Give ``processor`` the image processor of ``backend`` with the same settings (``None``: keep it).
+
+    transformers 5.x loads the torchvision-backed ``<Model>ImageProcessor`` by default, where transformers 4.x (and
+    so VLM2Vec) used the PIL/NumPy one, kept as ``<Model>ImageProcessorPil``: resized pixels differ by up to 1.5e-2
+    (bicubic resampling), about 2e-4 in the embedding. ``pil`` reproduces the 4.x numbers.
+    """
+    if backend is None:
+        return
+    if backend not in IMAGE_BACKENDS:
+        raise ConfigError("model.backbone.image_backend", f"expected one of {IMAGE_BACKENDS}, got {backend!r}")
+    import transformers
+
+    ip = processor.image_processor
+    if getattr(ip, "backend", None) == backend:
+        return
+    name = type(ip).__name__.removesuffix("Pil")
+    target = getattr(transformers, name + "Pil" if backend == "pil" else name, None)
+    if target is None:
+        raise ConfigError(
+            "model.backbone.image_backend", f"transformers has no {backend} version of {type(ip).__name__}"
+        )
+    processor.image_processor = target.from_dict(ip.to_dict())
 
 
 def load_native(

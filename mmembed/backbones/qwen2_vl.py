@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from mmembed.backbones.native import TINY_TEXT_CONFIG, NativeVLM, load_hf_processor, load_native
+from mmembed.backbones.native import TINY_TEXT_CONFIG, NativeVLM, load_hf_processor, load_native, set_image_backend
 from mmembed.registry import BACKBONES
 from mmembed.tiny import build_tiny_tokenizer
 from mmembed.types import ConfigError, InputError
@@ -98,12 +98,28 @@ class Qwen2VL(NativeVLM):
         dtype: ``float32`` / ``bfloat16`` / ``float16``.
         attn_implementation: ``sdpa`` (default), ``eager`` or ``flash_attention_2``.
         add_eos: append the tokenizer's EOS (last-token pooling reads it).
+        image_backend: ``pil`` | ``torchvision``: the image processor's backend (``None``: the processor's own,
+            torchvision in transformers 5.x). VLM2Vec ran transformers 4.51's PIL one (``recipes/vlm2vec*``: ``pil``).
+
+    ``model.layout: vlm2vec`` (VLM2Vec's sequence, docs/mmeb.md): ``<|image_pad|>`` then a space, no
+    ``<|vision_start|>``/``<|vision_end|>``, no EOS, and 1-D positions for every token. VLM2Vec's bundled Qwen2-VL
+    finds images for M-RoPE through the vision-start token (``get_rope_index`` in its
+    ``src/model/vlm_backbone/qwen2_vl/modeling_qwen2_vl.py``); with none in the sequence every token, image tokens
+    included, is numbered as text, so the processor gives those ``position_ids`` and the HF forward uses them.
     """
 
     mrope = True
     image_text = "<|vision_start|><|image_pad|><|vision_end|>"
     image_token = "<|image_pad|>"
-    model_keys = ("input_ids", "attention_mask", "pixel_values", "image_grid_thw", "mm_token_type_ids")
+    vlm2vec_image_token = "<|image_pad|>"
+    model_keys = (
+        "input_ids",
+        "attention_mask",
+        "pixel_values",
+        "image_grid_thw",
+        "mm_token_type_ids",
+        "position_ids",
+    )
     image_keys = ("image_grid_thw",)
     patch_grid_key = "image_grid_thw"
     example_args = [
@@ -122,6 +138,7 @@ class Qwen2VL(NativeVLM):
         dtype: str = "float32",
         attn_implementation: str = "sdpa",
         add_eos: bool = True,
+        image_backend: str | None = None,
     ) -> None:
         super().__init__()
         self.check_config({"min_pixels": min_pixels, "max_pixels": max_pixels})
@@ -136,6 +153,7 @@ class Qwen2VL(NativeVLM):
             size["longest_edge"] = int(max_pixels)
         self.check_config({"min_pixels": size["shortest_edge"], "max_pixels": size["longest_edge"]})
         proc.image_processor.size = type(proc.image_processor.size)(**size)
+        set_image_backend(proc, image_backend)
         self._setup(model, proc, add_eos, dtype, source=str(spec))
 
     @staticmethod
@@ -146,6 +164,10 @@ class Qwen2VL(NativeVLM):
                 raise ConfigError(key, f"must be a positive integer (pixels), got {value!r}")
         if lo is not None and hi is not None and lo > hi:
             raise ConfigError("min_pixels", f"min_pixels={lo} is above max_pixels={hi}")
+
+    @property
+    def text_positions(self) -> bool:
+        return self.layout == "vlm2vec"
 
     def tokens_per_image(self) -> int:
         """Upper bound of visual tokens per image: ``max_pixels / (patch * merge)^2``."""
@@ -204,6 +226,9 @@ class Qwen2VL(NativeVLM):
         m = int(self.base_model().visual.spatial_merge_size)
         items = []
         for f, (t, h, w) in zip(self.image_features(batch, connector), batch["image_grid_thw"].tolist()):
+            if self.layout == "vlm2vec":  # numbered as text, as VLM2Vec's Qwen2-VL does (class docstring)
+                items.append(VisualItem(f, line_positions(f.shape[0], f.device), f.shape[0]))
+                continue
             g = (t, h // m, w // m)
             if connector is not None:
                 out = connector.out_grid(g[1:])

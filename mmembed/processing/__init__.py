@@ -35,7 +35,10 @@ def _composed(backbone: Any, visual: Any, cfg: Any) -> Processor:
 def _hf(backbone: Any, visual: Any, cfg: Any) -> NativeProcessor:
     return NativeProcessor(
         backbone.hf_processor,
-        image_text=backbone.image_text,
+        image_text=backbone.inline_text,
+        lead_text=backbone.lead_text,
+        text_positions=backbone.text_positions,
+        join_as_vlm2vec=backbone.layout == "vlm2vec",
         image_token_id=backbone.image_token_id,
         placeholder=cfg.image_placeholder,
         image_tokens=backbone.tokens_per_image(),

@@ -64,6 +64,8 @@ class BaseProcessor:
     image_keys: tuple[str, ...] = ()
     #: a (N_img, 3) key whose row product is each image's number of ``pixel_values`` rows (flattened patches)
     patch_grid_key: str | None = None
+    #: ``layout: vlm2vec``: instruction and text joined exactly as VLM2Vec's ``process_input_text`` does
+    join_as_vlm2vec: bool = False
 
     def __call__(self, sides: Sequence[Side], rows: Sequence[Any] | None = None) -> dict[str, torch.Tensor]:
         raise NotImplementedError
@@ -90,7 +92,8 @@ class BaseProcessor:
         lead, instruction, rest = layout_side(side, row, self.placeholder, self.max_images)
         self.check_row(side, row, rest)
         chunks = rest.split(self.placeholder)
-        if instruction:
+        if instruction or (self.join_as_vlm2vec and chunks[0]):
+            # VLM2Vec's process_input_text joins ``instruction + " " + text`` even for an empty instruction
             chunks[0] = instruction + (" " + chunks[0] if chunks[0] else "")
         return lead, len(instruction), chunks
 

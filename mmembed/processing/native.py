@@ -31,6 +31,12 @@ class NativeProcessor(BaseProcessor):
     Args:
         hf_processor: a transformers processor (``Qwen2VLProcessor``, ``LlavaProcessor``, ...).
         image_text: the text the HF processor expects per image.
+        lead_text: the text of each image that starts a row (default ``image_text``; ``layout: vlm2vec`` puts
+            VLM2Vec's ``"<|image_pad|> "`` there, docs/mmeb.md).
+        text_positions: add ``position_ids`` (B, L), ``cumsum(attention_mask) - 1`` over every token, image tokens
+            included (``layout: vlm2vec`` on Qwen2-VL: VLM2Vec's sequence has no vision-start marker, so its
+            Qwen2-VL numbers the image tokens as text).
+        join_as_vlm2vec: ``instruction + " " + text`` even when the instruction is empty (``layout: vlm2vec``).
         image_token_id: the model's image token id (``config.image_token_id``).
         placeholder: mmembed's placeholder in texts.
         image_tokens: visual tokens per image, an estimate for length grouping (exact for LLaVA).
@@ -61,8 +67,14 @@ class NativeProcessor(BaseProcessor):
         max_length: int = 512,
         image_keys: tuple[str, ...] = (),
         patch_grid_key: str | None = None,
+        lead_text: str | None = None,
+        text_positions: bool = False,
+        join_as_vlm2vec: bool = False,
     ) -> None:
         self.hf_processor = hf_processor
+        self.lead_text = image_text if lead_text is None else lead_text
+        self.text_positions = bool(text_positions)
+        self.join_as_vlm2vec = bool(join_as_vlm2vec)
         self.image_keys, self.patch_grid_key = tuple(image_keys), patch_grid_key
         self.tokenizer = tok = hf_processor.tokenizer
         self.image_text = image_text
@@ -83,7 +95,7 @@ class NativeProcessor(BaseProcessor):
         self.n_prefix = at[0] if at else 0
         # Non-image tokens of one image text (Qwen: vision_start + vision_end = 2; LLaVA: 0): they separate the
         # leading image block from the instruction in the HF processor's output.
-        markup = tok(image_text, add_special_tokens=False)["input_ids"]
+        markup = tok(self.lead_text.rstrip(), add_special_tokens=False)["input_ids"]
         self.n_markup = sum(1 for t in markup if t != self.placeholder_id)
 
     def check_row(self, side: Side, row: Any, rest: str) -> None:
@@ -91,7 +103,7 @@ class NativeProcessor(BaseProcessor):
             raise InputError(f"row {row}: the text contains the model's own image text {self.image_text!r}")
 
     def _join(self, lead: int, chunks: Sequence[str]) -> str:
-        return self.image_text * lead + self.image_text.join(chunks) + self.suffix
+        return self.lead_text * lead + self.image_text.join(chunks) + self.suffix
 
     def text(self, side: Side, row: Any) -> str:
         """The HF processor's text for one row (untruncated): leading images, then ``instruction text``."""
@@ -166,6 +178,9 @@ class NativeProcessor(BaseProcessor):
         )
         out = {k: v for k, v in enc.items() if isinstance(v, torch.Tensor)}
         out["attention_mask"] = out["attention_mask"].long()
+        if self.text_positions:
+            mask = out["attention_mask"]
+            out["position_ids"] = (mask.cumsum(dim=1) - 1).masked_fill(mask == 0, 1)
         out["pool_mask"] = self.pool_mask(out["input_ids"], out["attention_mask"], leads, n_instr)
         out["image_counts"] = torch.tensor([len(s.images) for s in sides], dtype=torch.long)
         return out

@@ -38,7 +38,7 @@ def test_vlm2vec_lora_release_imports_with_the_adapter_merged(tmp_path):
     assert json.loads((release / "adapter_config.json").read_text())["base_model_name_or_path"] == str(base)
     merged = peft_model.merge_and_unload().eval()
 
-    out = _tool().main([str(release), str(tmp_path / "mm")])
+    out = _tool().main([str(release), str(tmp_path / "mm"), "--layout", "mmembed", "--image-backend", "torchvision"])
     assert out == 0
     model = mmembed.load(tmp_path / "mm")
     assert model.processor.padding_side == "left" and model.cfg.pooler["type"] == "last_token"
