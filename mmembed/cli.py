@@ -340,7 +340,9 @@ def _eval(args: argparse.Namespace) -> int:
 
     if dist.is_main_process():
         n = len(scores["datasets"])
-        print(f"overall hit@1 {scores['overall']:.4f} over {n} datasets; wrote {args.out}/scores.json")
+        official = scores.get("official_overall")
+        extra = f" (MMEB-official {official:.4f}, comparable with published tables)" if official is not None else ""
+        print(f"overall hit@1 {scores['overall']:.4f}{extra} over {n} datasets; wrote {args.out}/scores.json")
     return 0
 
 
@@ -429,7 +431,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ev.add_argument("--examples", type=int, default=3, help="queries per dataset shown in examples.html")
     ev.add_argument(
-        "--image-root", default=None, help="folder for relative image paths (default: each data file's folder)"
+        "--image-root",
+        default=None,
+        help="folder for relative image paths (default: an images/ or eval_images/ folder beside the data, else each "
+        "data file's folder)",
     )
     ev.add_argument("--device", default=None, help=_DEVICE_HELP)
     ev.add_argument("--trust-remote-code", action="store_true", help=_TRUST_HELP)

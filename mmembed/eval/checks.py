@@ -79,7 +79,8 @@ def count_missing(examples: Sequence[EvalExample]) -> tuple[int, int, str]:
 
 _HINT = (
     "nothing would be scored (such rows are misses, the score would be meaningless); image paths are resolved "
-    "against the data file's folder unless --image-root DIR is given: is --image-root missing or wrong?"
+    "against an images/ folder beside the data or the data file's folder unless --image-root DIR is given: "
+    "is --image-root missing or wrong?"
 )
 
 
