@@ -99,6 +99,31 @@ def test_embeddings_and_loss_equal_vlm2vecs(peer, ours):
     assert abs(ours["loss"] - float(peer["loss"])) <= 1e-5
 
 
+def test_the_loss_gradient_is_vlm2vecs(family, peer):
+    """InfoNCE (tau 0.02) on the five rows, backward: the last decoder layer's o_proj gradient equals VLM2Vec's."""
+    FIX = FIXTURES / family
+    meta = json.loads((FIX / "rows.json").read_text())
+    over = [
+        f"model.backbone.name={FIX / 'checkpoint'}",
+        "model.backbone.config=null",
+        "model.layout=vlm2vec",
+        "model.backbone.image_backend=pil",
+    ]
+    model = build_model(str(REPO / meta["recipe"]), over)
+    rows = meta["rows"]
+    sides = [
+        Side(text=r["text"], images=[str(FIX / r["image"])] if r["image"] else [], instruction=r["instruction"])
+        for r in rows
+    ]
+    emb = model(model.processor(sides))
+    InfoNCELoss(temperature=meta["temperature"], mask_same_targets=False, gather=False)(
+        emb[meta["queries"]], emb[meta["targets"]]
+    ).backward()
+    grad = model.backbone.language_model().layers[-1].self_attn.o_proj.weight.grad.numpy()
+    ref = peer["grad_o_proj"]
+    assert np.abs(ref).max() > 0 and np.abs(grad - ref).max() <= 1e-4 * np.abs(ref).max()
+
+
 def test_each_half_of_the_layout_matters(family, peer):
     """mmembed's own layout gives other ids; VLM2Vec's layout with the torchvision image processor other pixels."""
     mine = _embed(family, "mmembed", None)

@@ -146,9 +146,35 @@ def main(work: Path) -> None:
     q, t = emb[spec["queries"]], emb[spec["targets"]]
     out["loss"] = np.array(float(SimpleContrastiveLoss(temperature=spec["temperature"])(q, t)))
     out["scores"] = (q @ t.T).numpy()
+    # the gradient of that loss on the last decoder layer's output projection (query and target groups together,
+    # each embedded with grad as VLM2Vec's trainer does without GradCache)
+    reps = torch.zeros(len(rows), emb.shape[1])
+    for g in groups:
+        batch = process_fn({"text": [texts[i] for i in g], "images": [images[i] for i in g]}, processor)
+        batch = {k: v for k, v in batch.items() if k not in ("texts", "images")}
+        reps = reps.index_put((torch.tensor(g),), model.encode_input(batch))
+    SimpleContrastiveLoss(temperature=spec["temperature"])(reps[spec["queries"]], reps[spec["targets"]]).backward()
+    out["grad_o_proj"] = lm.layers[-1].self_attn.o_proj.weight.grad.numpy()
     np.savez(work / "peer.npz", **out)
+    score_official(work)
     (work / "peer_texts.json").write_text(json.dumps(texts, indent=1))
     print(f"peer: {len(rows)} rows embedded by VLM2Vec's code, checkpoint at {ckpt}")
+
+
+def score_official(work: Path) -> None:
+    """VLM2Vec-V2's scoring (``eval.py``: ``np.argsort(-score)`` over the candidates, positive first; its
+    ``RankingMetrics`` in ``src/eval_utils/metrics.py``) of the score rows in ``metric_scores.npy``."""
+    from vlm2vec_for_pyserini.utils.eval_utils.metrics import RankingMetrics
+
+    scores = np.load(work / "metric_scores.npy")
+    result = {}
+    # numpy's default argsort is not stable (SIMD sorts in numpy 2.x): among tied candidates VLM2Vec's order then
+    # depends on the numpy build; "stable" is its positive-first intent (V1 takes np.argmax, the first maximum)
+    for kind in ("default", "stable"):
+        order = {"default": lambda s: np.argsort(-s), "stable": lambda s: np.argsort(-s, kind="stable")}[kind]
+        cases = [{"prediction": order(s).tolist(), "label": [0], "rel_scores": None} for s in scores]
+        result[kind] = RankingMetrics(["hit", "recall", "ndcg", "mrr"]).evaluate(cases)
+    (work / "peer_metrics.json").write_text(json.dumps(result, indent=1))
 
 
 if __name__ == "__main__":

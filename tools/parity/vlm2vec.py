@@ -35,7 +35,17 @@ PEER_PIP = [  # what VLM2Vec's model and processor modules import, nothing it on
     ["torch==2.14.1", "torchvision==0.29.1"],
     ["--no-deps", "transformers==4.51.3", "tokenizers==0.21.1"],
     ["huggingface_hub<1.0", "safetensors", "regex", "pyyaml", "requests", "tqdm", "packaging", "filelock", "pillow"],
-    ["numpy", "peft==0.15.2", "accelerate", "einops", "scikit-learn", "scikit-image", "opencv-python-headless", "timm"],
+    [
+        "numpy",
+        "peft==0.15.2",
+        "accelerate",
+        "einops",
+        "scikit-learn",
+        "scikit-image",
+        "opencv-python-headless",
+        "timm",
+        "pytrec-eval-terrier",
+    ],
     ["--no-deps", "--ignore-requires-python", "vlm2vec-for-pyserini==0.2.0"],  # declares python>=3.12, torch 2.9.1
 ]
 #: flash_attn is imported at module level by baselines VLM2Vec's processor module pulls in (InternVideo2, Phi-3-V);
@@ -190,7 +200,41 @@ def prepare(work: Path, fam: dict[str, Any]) -> None:
     tok.add_tokens(fam["added_tokens"], special_tokens=True)
     tok.backend_tokenizer.save(str(work / "tokenizer.json"))
     spec = {**SPEC, **{k: v for k, v in fam.items() if k not in ("recipe", "image_sizes")}, "rows": ROWS}
+    np.save(work / "metric_scores.npy", metric_scores())
     (work / "spec.json").write_text(json.dumps({**spec, "queries": QUERIES, "targets": TARGETS}, indent=1))
+
+
+def metric_scores(n: int = 500, m: int = 10, seed: int = 0) -> np.ndarray:
+    """(n, m) scores with many exact ties (one decimal), a copy of the positive's score in about a third of the rows:
+    the case where the official (positive first wins) and tie-aware definitions part."""
+    rng = np.random.RandomState(seed)
+    s = np.round(rng.rand(n, m), 1)
+    dup = rng.rand(n) < 0.33
+    s[dup, int(m / 2)] = s[dup, 0]
+    return s
+
+
+def compare_metrics(work: Path) -> dict[str, tuple[float, float, float]]:
+    """VLM2Vec's official metrics (its RankingMetrics on a stable sort, and on numpy's default sort as its eval.py
+    calls it), mmembed's official ones, and mmembed's tie-aware hit@1, on :func:`metric_scores`."""
+    from mmembed.eval.metrics import hit_at_k, official_metrics
+
+    scores = np.load(work / "metric_scores.npy")
+    peer = json.loads((work / "peer_metrics.json").read_text())
+    ours = [official_metrics(row, 0) for row in scores]
+    out = {}
+    for theirs, key in (
+        ("hit@1", "hit@1"),
+        ("hit@5", "hit@5"),
+        ("recall@5", "recall@5"),
+        ("mrr@10", "mrr@10"),
+        ("ndcg_linear@5", "ndcg@5"),
+    ):
+        mine = float(np.mean([o[f"official_{key}"] for o in ours]))
+        out[f"official {key}"] = (peer["stable"][theirs], peer["default"][theirs], mine)
+    nan = float("nan")
+    out["tie-aware hit@1 (mmembed only)"] = (nan, nan, float(np.mean([hit_at_k(r, 0, 1) for r in scores])))
+    return out
 
 
 def run_peer(py: Path, work: Path) -> None:
@@ -227,8 +271,13 @@ def mmembed_side(
         pos = torch.arange(batch["attention_mask"].shape[1]).expand(batch["attention_mask"].shape[0], -1)
     pos = pos if pos.ndim == 3 else pos.unsqueeze(0).expand(3, -1, -1)
     q, t = emb[QUERIES], emb[TARGETS]
-    loss = InfoNCELoss(temperature=SPEC["temperature"], mask_same_targets=False, gather=False)(q, t)
+    loss_fn = InfoNCELoss(temperature=SPEC["temperature"], mask_same_targets=False, gather=False)
+    loss = loss_fn(q, t)
+    grad_emb = model(batch)  # with grad: the loss's gradient on the last layer's output projection
+    loss_fn(grad_emb[QUERIES], grad_emb[TARGETS]).backward()
+    grad = lm.layers[-1].self_attn.o_proj.weight.grad.numpy()
     return {
+        "grad_o_proj": grad,
         "input_ids": batch["input_ids"].numpy(),
         "attention_mask": batch["attention_mask"].numpy(),
         "positions": pos.numpy(),
@@ -258,6 +307,9 @@ def compare(peer: dict[str, np.ndarray], ours: dict[str, np.ndarray]) -> dict[st
         "embedding max |diff|": float(np.abs(e_p - e_o).max()),
         "embedding min cosine": float(cos.min()),
         "loss |diff|": abs(float(peer["loss"]) - float(ours["loss"])),
+        "grad rel. max |diff|": float(
+            np.abs(peer["grad_o_proj"] - ours["grad_o_proj"]).max() / max(np.abs(peer["grad_o_proj"]).max(), 1e-30)
+        ),
         "scores max |diff|": float(np.abs(peer["scores"] - ours["scores"]).max()),
         "hit@1 equal": bool((peer["scores"].argmax(1) == ours["scores"].argmax(1)).all()),
     }
@@ -280,6 +332,12 @@ def main(argv: list[str] | None = None) -> int:
     ok = True
     for name in args.family:
         ok &= run_family(name, py, args.work / name, args.write_fixtures / name if args.write_fixtures else None)
+    metrics = compare_metrics(args.work / args.family[0])
+    print("\nscores: 500 queries x 10 candidates, exact ties, a copy of the positive in a third of the rows")
+    print("| metric | VLM2Vec, stable sort | VLM2Vec, numpy default sort (as eval.py) | mmembed |\n|---|---|---|---|")
+    for key, (stable, default, mine) in metrics.items():
+        print(f"| {key} | {stable:.4f} | {default:.4f} | {mine:.4f} |")
+    ok &= all(abs(a - c) <= 1e-12 for a, _, c in metrics.values() if a == a)
     print("PARITY OK" if ok else "PARITY FAILED: see the tables")
     return 0 if ok else 1
 
@@ -311,6 +369,7 @@ def run_family(name: str, py: Path, work: Path, fixtures: Path | None) -> bool:
     print(f"VLM2Vec's own first vs second call (cached rope_deltas): max |diff| {second:.3g}")
     after = table[-1]
     ok = after["token ids identical"] and after["positions identical"] and after["embedding max |diff|"] <= 1e-5
+    ok = ok and after["grad rel. max |diff|"] <= 1e-4
     if fixtures:
         fixtures.mkdir(parents=True, exist_ok=True)
         shutil.copytree(ckpt, fixtures / "checkpoint", dirs_exist_ok=True)
@@ -318,7 +377,7 @@ def run_family(name: str, py: Path, work: Path, fixtures: Path | None) -> bool:
             f.chmod(0o644)
         for i in range(len(fam["image_sizes"])):
             shutil.copy(work / f"img{i}.png", fixtures / f"img{i}.png")
-        keep = ("input_ids", "attention_mask", "positions_first", "emb_first", "loss", "scores")
+        keep = ("input_ids", "attention_mask", "positions_first", "emb_first", "loss", "scores", "grad_o_proj")
         np.savez(fixtures / "vlm2vec.npz", **{k: peer[k] for k in keep})
         meta = {
             "rows": ROWS,
