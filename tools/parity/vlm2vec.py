@@ -29,6 +29,10 @@ from typing import Any
 
 import numpy as np
 
+from mmembed.backbones.native import TINY_TEXT_CONFIG
+from mmembed.backbones.qwen2_vl import TINY_QWEN2VL_CONFIG
+from mmembed.tiny import TINY_CLIP_VISION_CONFIG
+
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
 PEER_PIP = [  # what VLM2Vec's model and processor modules import, nothing it only needs for training or video
@@ -64,34 +68,14 @@ SHIM = {
     "flash_attn/layers/__init__.py": "",
     "flash_attn/layers/rotary.py": "from flash_attn import flash_attn_func as apply_rotary_emb\n",
 }
-#: transformers 4.51 config of the tiny Qwen2-VL (the same shape as mmembed's TINY_QWEN2VL_CONFIG)
+#: transformers 4.51 config of mmembed's tiny Qwen2-VL (4.51 keeps the text settings and rope at the top level)
 PEER_CONFIG: dict[str, Any] = {
-    "vocab_size": 512,
-    "hidden_size": 64,
-    "intermediate_size": 128,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 2,
-    "max_position_embeddings": 1024,
+    **TINY_TEXT_CONFIG,
     "rope_theta": 10000.0,
     "rope_scaling": {"type": "mrope", "mrope_section": [2, 3, 3]},
-    "bos_token_id": 2,
-    "eos_token_id": 3,
-    "pad_token_id": 0,
-    "image_token_id": 400,
-    "vision_start_token_id": 401,
-    "vision_end_token_id": 402,
-    "video_token_id": 403,
-    "vision_config": {
-        "depth": 2,
-        "embed_dim": 32,
-        "hidden_size": 64,
-        "num_heads": 2,
-        "mlp_ratio": 2,
-        "patch_size": 14,
-        "spatial_merge_size": 2,
-        "temporal_patch_size": 2,
-    },
+    **{k: TINY_QWEN2VL_CONFIG[k] for k in ("image_token_id", "vision_start_token_id", "vision_end_token_id")},
+    "video_token_id": TINY_QWEN2VL_CONFIG["video_token_id"],
+    "vision_config": TINY_QWEN2VL_CONFIG["vision_config"],
 }
 ROWS = [  # MMEB-style rows: classification query, VQA query, text candidates, a second image
     {"instruction": "Represent the given image for classification", "text": None, "image": "img0.png"},
@@ -105,31 +89,8 @@ ROWS = [  # MMEB-style rows: classification query, VQA query, text candidates, a
     {"instruction": "Represent the given image", "text": None, "image": "img2.png"},
 ]
 QUERIES, TARGETS = [0, 1], [2, 3]
-_CLIP = {
-    "model_type": "clip_vision_model",
-    "hidden_size": 32,
-    "intermediate_size": 64,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 2,
-    "image_size": 32,
-    "patch_size": 8,
-}
-_TEXT = {
-    k: PEER_CONFIG[k]
-    for k in (
-        "vocab_size",
-        "hidden_size",
-        "intermediate_size",
-        "num_hidden_layers",
-        "num_attention_heads",
-        "num_key_value_heads",
-        "max_position_embeddings",
-        "rope_theta",
-        "bos_token_id",
-        "eos_token_id",
-        "pad_token_id",
-    )
-}
+_CLIP = TINY_CLIP_VISION_CONFIG
+_TEXT = {**TINY_TEXT_CONFIG, "rope_theta": 10000.0}
 #: per backbone family: VLM2Vec's backbone name, the tiny config in transformers 4.51's form, mmembed's tiny recipe
 #: (its other settings, e.g. the padding side VLM2Vec uses), image sizes and the tokens the tokenizer adds
 FAMILIES: dict[str, dict[str, Any]] = {
