@@ -286,19 +286,20 @@ def _check_slot(key: str, node: Any, registry: Any) -> None:
 
 
 _POSITIVE_SIZES = ("image_size", "patch_size")
-_METRIC = re.compile(r"^((hit|recall|ndcg)@[1-9][0-9]*|mrr)$")
+_METRIC = re.compile(r"^(official_)?((hit|recall|ndcg|mrr)@[1-9][0-9]*|mrr)$")
 _GROUP = re.compile(r"^[A-Z][A-Z0-9_]*$")  # meta-tasks (CLS, VQA, RET, VG, custom) and splits (IND, OOD)
 
 
 def check_metric_name(key: str, name: str) -> None:
     """``train.eval_metric``: overall, a mean metric (``mrr``, ``hit@5``), a meta-task or split, ``DATASET/METRIC``."""
-    if name in ("overall", "hit@1", "mean_hit@1") or _METRIC.match(name) or _GROUP.match(name):
+    if name in ("overall", "official", "hit@1", "mean_hit@1") or _METRIC.match(name) or _GROUP.match(name):
         return
     if "/" in name and _METRIC.match(name.rsplit("/", 1)[1]) and name.rsplit("/", 1)[0]:
         return
     raise ConfigError(
         key,
-        f"unknown eval metric {name!r}; allowed: overall, mrr, hit@K, recall@K, ndcg@K, a meta-task or split in "
+        f"unknown eval metric {name!r}; allowed: overall, official (MMEB-official overall), mrr, hit@K, recall@K, "
+        "ndcg@K (each also as official_...), a meta-task or split in "
         "capitals (CLS, VQA, RET, VG, IND, OOD), or DATASET/METRIC (e.g. N24News/hit@1)",
     )
 

@@ -412,20 +412,15 @@ def _scores_section(scores: dict[str, Any]) -> str:
     def num(v: Any) -> str:
         return f"{v:.4f}" if isinstance(v, float) else str(v)
 
-    if isinstance(scores.get("datasets"), dict):
-        rows = [
-            f"| {name} | {d.get('meta_task', '-')} | {num(d.get('hit@1', '-'))} |"
-            for name, d in scores["datasets"].items()
-            if isinstance(d, dict)
+    if isinstance(scores.get("datasets"), dict):  # tie-aware hit@1 and the MMEB-official headline (docs/mmeb.md §1.5)
+        groups = [(n, d.get("meta_task", "-"), d) for n, d in scores["datasets"].items() if isinstance(d, dict)]
+        groups += [
+            (f"**{n}** (mean)", n, d) for n, d in (scores.get("meta_tasks") or {}).items() if isinstance(d, dict)
         ]
-        rows += [
-            f"| **{name}** (mean) | {name} | {num(d.get('hit@1', '-'))} |"
-            for name, d in (scores.get("meta_tasks") or {}).items()
-            if isinstance(d, dict)
-        ]
+        rows = [f"| {n} | {m} | {num(d.get('hit@1', '-'))} | {num(d.get('official', '-'))} |" for n, m, d in groups]
         if "overall" in scores:
-            rows.append(f"| **overall** | - | {num(scores['overall'])} |")
-        return "| dataset | meta-task | hit@1 |\n|---|---|---|\n" + "\n".join(rows)
+            rows.append(f"| **overall** | - | {num(scores['overall'])} | {num(scores.get('official_overall', '-'))} |")
+        return "| dataset | meta-task | hit@1 | official (MMEB) |\n|---|---|---|---|\n" + "\n".join(rows)
     return "| metric | value |\n|---|---|\n" + "\n".join(f"| {k} | {num(v)} |" for k, v in scores.items())
 
 

@@ -43,11 +43,12 @@ def test_card_front_matter_and_a_snippet_that_runs(tiny_model, tmp_path):
 def test_card_shows_recipe_data_scores_and_licence_when_given(tiny_model, tmp_path):
     scores = {
         "datasets": {
-            "MSCOCO_t2i": {"hit@1": 0.625, "meta_task": "RET"},
+            "MSCOCO_t2i": {"hit@1": 0.625, "official": 0.75, "meta_task": "RET"},
             "N24News": {"hit@1": 0.3125, "meta_task": "CLS"},
         },
         "meta_tasks": {"RET": {"hit@1": 0.625}, "CLS": {"hit@1": 0.3125}},
         "overall": 0.46875,
+        "official_overall": 0.53125,
     }
     info = {
         "recipe": {"source": "recipes/tiny/demo.yaml", "train.lr": 1e-4, "train.max_steps": 40},
@@ -57,7 +58,8 @@ def test_card_shows_recipe_data_scores_and_licence_when_given(tiny_model, tmp_pa
     }
     card = (save_model(tiny_model, tmp_path / "m", card_info=info) / "README.md").read_text()
     assert _front_matter(card)["license"] == "apache-2.0" and "Not recorded" not in card
-    assert "## Evaluation" in card and "| MSCOCO_t2i | RET | 0.6250 |" in card and "0.4688" in card
+    assert "## Evaluation" in card and "| MSCOCO_t2i | RET | 0.6250 | 0.7500 |" in card and "0.4688" in card
+    assert "official (MMEB)" in card and "| N24News | CLS | 0.3125 | - |" in card and "0.5312" in card
     assert "## Training data" in card and "demo_t2i: 60" in card
     assert "recipes/tiny/demo.yaml" in card and "train.max_steps" in card
     flat = save_model(tiny_model, tmp_path / "f", card_info={"scores": {"overall": 0.5}})

@@ -334,10 +334,13 @@ def select_metric(scores: dict[str, Any], name: str = "overall") -> float:
     """One number from :func:`evaluate`'s result, for best-checkpoint selection (higher is better).
 
     ``name``: ``overall`` (MMEB mean hit@1), a mean over datasets (``mrr``, ``ndcg@5``, ``hit@5``...),
-    a meta-task or split (``CLS``, ``RET``, ``IND``...), or ``DATASET/METRIC`` (``N24News/hit@1``).
+    a meta-task or split (``CLS``, ``RET``, ``IND``...), or ``DATASET/METRIC`` (``N24News/hit@1``); ``official``
+    is the MMEB-official overall, ``official_hit@5``... the mean of an official metric.
     """
     if name in ("overall", "hit@1", "mean_hit@1"):
         return float(scores["overall"])
+    if name == "official":
+        return float(scores["official_overall"])
     if name in scores.get("means", {}):
         return float(scores["means"][name])
     if name in scores.get("meta_tasks", {}):

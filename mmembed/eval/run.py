@@ -178,6 +178,8 @@ def eval_in_training(
     flat.update({f"eval/{m}": v["hit@1"] for m, v in scores["meta_tasks"].items()})
     flat["eval/overall"] = scores["overall"]
     flat["eval/mean_hit@1"] = scores["overall"]
+    if "official_overall" in scores:
+        flat["eval/official_overall"] = scores["official_overall"]
     flat[f"eval/select/{metric}"] = scores["selection"]["value"]
     scores["flat"] = flat
     return scores

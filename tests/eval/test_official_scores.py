@@ -263,3 +263,18 @@ def test_compare_shows_the_official_scores_of_each_run(oracle_run: tuple[Path, d
     assert _compare([str(old)]) == 0 and "official (MMEB)" not in capsys.readouterr().out  # none has it: no table
     assert _compare([str(root / "out"), "--metric", "official"]) == 0
     assert "| dup | RET | 68.0 |" in capsys.readouterr().out
+
+
+def test_training_can_select_the_best_checkpoint_by_the_official_score(oracle_run: tuple[Path, dict]) -> None:
+    from mmembed.config import check_metric_name
+    from mmembed.eval.protocol import select_metric
+    from mmembed.types import ConfigError
+
+    _, s = oracle_run
+    for name in ("official", "official_hit@5", "official_mrr@10"):
+        check_metric_name("train.eval_metric", name)
+    assert select_metric(s, "official") == s["official_overall"] != s["overall"]
+    per_dataset = [d["official_hit@1"] for d in s["datasets"].values()]
+    assert select_metric(s, "official_hit@1") == pytest.approx(sum(per_dataset) / len(per_dataset))
+    with pytest.raises(ConfigError, match="official"):
+        check_metric_name("train.eval_metric", "official_top@1")
