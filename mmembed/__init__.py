@@ -12,13 +12,22 @@ from __future__ import annotations
 
 # the built-in components register their names when imported (the registry imports none of them)
 from mmembed import backbones, connectors, encoders, losses, pooling, tokens  # noqa: F401
+from mmembed.api import quantize_embeddings, truncate_embeddings
 from mmembed.build import build_model, load
 from mmembed.model import EmbeddingModel
 from mmembed.registry import ALL
 
 __version__ = "0.1.0"
 
-__all__ = ["build_model", "load", "EmbeddingModel", "list_components", "__version__"]
+__all__ = [
+    "build_model",
+    "load",
+    "EmbeddingModel",
+    "list_components",
+    "quantize_embeddings",
+    "truncate_embeddings",
+    "__version__",
+]
 
 
 def list_components() -> dict[str, list[str]]:

@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from mmembed import io
+from mmembed import api, io
 from mmembed.config import ModelCfg, RecipeCfg, load_recipe, model_cfg_from_dict
 from mmembed.model import EmbeddingModel
 from mmembed.processing import make_processor
@@ -84,6 +84,9 @@ def load(
     device: str | torch.device | None = None,
     trust_remote_code: bool = False,
     dtype: str | torch.dtype | None = None,
+    *,
+    truncate_dim: int | None = None,
+    similarity_fn_name: str | None = None,
 ) -> EmbeddingModel:
     """Load a saved model directory with no network access; weights are loaded strictly.
 
@@ -103,6 +106,10 @@ def load(
         trust_remote_code: let transformers run Python code shipped with the directory's HF config.
         dtype: cast floating-point weights (``bfloat16``, ``float16``, ``float32`` or a ``torch.dtype``); buffers the
             model computes itself (rotary frequencies) keep theirs.
+        truncate_dim: ``model.truncate_dim``, the width ``encode`` keeps (Matryoshka); default the saved one, if any.
+        similarity_fn_name: ``model.similarity_fn_name`` (``cosine``, ``dot``, ``euclidean``, ``manhattan``); default
+            the saved ``similarity``. Both as sentence-transformers' ``SentenceTransformer(..., truncate_dim=,
+            similarity_fn_name=)``.
 
     Raises:
         FileNotFoundError: not a model directory.
@@ -113,6 +120,8 @@ def load(
     from safetensors.torch import load_file
 
     directory = Path(directory)
+    api.check_truncate_dim(truncate_dim)  # before anything is built; the width is checked once it is known
+    similarity_fn_name = api.check_similarity_fn_name(similarity_fn_name) if similarity_fn_name else None
     cfg_path, model_dict, weights = io.resolve_model_dir(directory, trust_remote_code)
     cfg = model_cfg_from_dict(model_dict, source=str(cfg_path))
     if isinstance(dtype, str) and dtype not in _DTYPES:
@@ -133,6 +142,10 @@ def load(
     model.eval()
     if device is not None:
         model.to(device)  # the buffers built on the CPU
+    meta = io.read_config(cfg_path)  # checked: mmembed.api.saved_settings_problem
+    model.similarity_fn_name = similarity_fn_name or meta.get("similarity")
+    model.truncate_dim = api.check_truncate_dim(truncate_dim or meta.get("truncate_dim"), model.embed_dim)
+    model.matryoshka_dims = tuple(meta["matryoshka_dims"]) if meta.get("matryoshka_dims") else None
     return model
 
 

@@ -224,6 +224,11 @@ class RecipeCfg:
         self.data.validate()
         self.train.validate()
         _check_slot("loss", self.loss, LOSSES)
+        dims, width = self.loss.get("matryoshka_dims"), self.model.embed_dim
+        if dims and width and max(dims) > width:  # without a projection the width is known once built (the loss checks)
+            raise ConfigError(
+                "loss.matryoshka_dims", f"{max(dims)} exceeds the embedding width (model.embed_dim={width})"
+            )
 
     def check_paths(self) -> None:
         """Every data path, image root, checkpoint and DeepSpeed JSON the recipe names exists (names the key)."""

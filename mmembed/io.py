@@ -147,11 +147,15 @@ def save_model(
             "image_tokens": model.processor.image_tokens,
             "embed_dim": model.embed_dim,
             "prompts": dict(model.cfg.prompts),
-            "similarity": "cosine" if model.cfg.normalize else "dot",
+            "similarity": getattr(model, "similarity_fn_name", None) or ("cosine" if model.cfg.normalize else "dot"),
             "imports": _required_imports(model),
             "versions": library_versions(),
             "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         }
+        for key in ("truncate_dim", "matryoshka_dims"):  # only when set: sentence-transformers' truncate_dim
+            value = getattr(model, key, None)
+            if value:
+                meta[key] = int(value) if key == "truncate_dim" else [int(d) for d in value]
         (tmp / CONFIG_NAME).write_text(json.dumps(meta, indent=2, sort_keys=False) + "\n")
         # one metadata key: safetensors writes metadata in hash-map order, so two keys would make the bytes of
         # identical models differ (the format version lives in mmembed_config.json)
@@ -242,6 +246,11 @@ def read_config(cfg_path: Path) -> dict[str, Any]:
         )
     if not isinstance(meta.get("model"), dict) or not isinstance(meta["model"].get("backbone"), dict):
         raise ModelDirError(f"{cfg_path}: 'model' must be an object with a 'backbone' object")
+    from mmembed.api import saved_settings_problem  # similarity, truncate_dim, matryoshka_dims (mmembed.load)
+
+    problem = saved_settings_problem(meta)
+    if problem:
+        raise ModelDirError(f"{cfg_path}: {problem}")
     return meta
 
 
@@ -354,6 +363,9 @@ def _front_matter(meta: dict[str, Any], info: dict[str, Any]) -> str:
     return "---\n" + yaml.safe_dump(front, sort_keys=False, default_flow_style=None, allow_unicode=True) + "---\n"
 
 
+_SIMILARITY_NOTES = {"dot": "dot product", "euclidean": "negative L2 distance", "manhattan": "negative L1 distance"}
+
+
 def _usage(meta: dict[str, Any]) -> str:
     """A snippet that runs against this directory: a saved prompt name when there is one."""
     prompts = meta.get("prompts") or {}
@@ -366,12 +378,12 @@ def _usage(meta: dict[str, Any]) -> str:
     else:
         call = f'emb = model.encode(texts=["a red circle"], instruction={json.dumps(instruction)})'
     lines = ["```python", "import mmembed", "", 'model = mmembed.load("path/to/this/dir")', call]
-    lines += [
-        "scores = model.similarity(emb, emb)  # cosine"
-        if meta["similarity"] == "cosine"
-        else "scores = model.similarity(emb, emb)  # dot product",
-        "```",
-    ]
+    lines.append(
+        f"scores = model.similarity(emb, emb)  # {_SIMILARITY_NOTES.get(meta['similarity'], meta['similarity'])}"
+    )
+    if meta.get("matryoshka_dims"):
+        lines.append(f'small = model.encode(texts=["a red circle"], truncate_dim={meta["matryoshka_dims"][-1]})')
+    lines.append("```")
     text = "\n".join(lines)
     if prompts:
         names = "\n".join(f"| `{k}` | {v} |" for k, v in prompts.items())
@@ -443,11 +455,16 @@ def _model_card(meta: dict[str, Any], card_info: dict[str, Any] | None = None, d
             "## License\n\nNot recorded when this model was saved (`license: other`): the weights derive from the "
             "backbone and vision encoder named above, whose own licences apply.\n"
         )
-    parts.append(
-        "## Details\n\n"
-        f"- embedding dimension: {meta['embed_dim']}, similarity: {meta['similarity']}\n"
-        f"- visual tokens per image: {meta['image_tokens']}\n"
-        f"- format_version: {meta['format_version']}, created {meta['created']}\n"
-        f"- versions: {', '.join(f'{k} {v}' for k, v in meta['versions'].items())}\n"
-    )
+    details = [f"embedding dimension: {meta['embed_dim']}, similarity: {meta['similarity']}"]
+    if meta.get("truncate_dim"):
+        details.append(f"encode keeps the first {meta['truncate_dim']} dimensions (`truncate_dim`)")
+    if meta.get("matryoshka_dims"):
+        dims = ", ".join(map(str, meta["matryoshka_dims"]))
+        details.append(f"Matryoshka dimensions trained (`loss.matryoshka_dims`): {dims}; encode with `truncate_dim=`")
+    details += [
+        f"visual tokens per image: {meta['image_tokens']}",
+        f"format_version: {meta['format_version']}, created {meta['created']}",
+        f"versions: {', '.join(f'{k} {v}' for k, v in meta['versions'].items())}",
+    ]
+    parts.append("## Details\n\n" + "".join(f"- {line}\n" for line in details))
     return "\n".join(parts)

@@ -4,13 +4,16 @@ Sources (docs/algorithms.md §7, docs/mmeb.md §1.6): VLM2Vec's ``SimpleContrast
 ``DistributedContrastiveLoss`` (targets grouped ``[pos, neg_1..neg_k]`` per query, labels
 ``arange(Nq) * (1 + k)``, temperature 0.02, loss x world size), Tevatron's gather trick (the local
 slot of the gathered tensor keeps its gradient), NV-Embed stage 2 (in-batch negatives off), CLIP
-(log-parameterized learnable scale clamped at 100) and the common false-negative filter
-(mask ``s_ij > s_i+ + m``).
+(log-parameterized learnable scale clamped at 100), the common false-negative filter
+(mask ``s_ij > s_i+ + m``) and Matryoshka representation learning (Kusupati et al., NeurIPS 2022,
+arXiv 2205.13147; sentence-transformers' ``MatryoshkaLoss``: the loss summed over truncated, re-normalized prefixes).
 """
 
 from __future__ import annotations
 
+import logging
 import math
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -23,10 +26,28 @@ from mmembed.types import ConfigError
 
 __all__ = ["InfoNCELoss"]
 
+log = logging.getLogger(__name__)
+
 
 def _scale_grad(x: torch.Tensor, factor: float) -> torch.Tensor:
     """``x`` in the forward pass, ``factor * grad`` in the backward pass."""
     return x.detach() + (x - x.detach()) * factor
+
+
+def _shrink(x: torch.Tensor, dim: int) -> torch.Tensor:
+    """(N, D) -> (N, dim): the first ``dim`` columns, L2-normalized (sentence-transformers' Matryoshka ``shrink``)."""
+    return F.normalize(x[:, :dim], p=2, dim=-1)
+
+
+def _matryoshka(
+    dims: Sequence[int] | None, weights: Sequence[float] | None
+) -> tuple[tuple[int, ...] | None, tuple[float, ...] | None]:
+    """Dims and weights (default 1 each) as tuples, widest first (the order does not change the sum)."""
+    if dims is None:
+        return None, None
+    weights = [1.0] * len(dims) if weights is None else [float(w) for w in weights]
+    pairs = sorted(zip((int(d) for d in dims), weights), key=lambda p: -p[0])
+    return tuple(d for d, _ in pairs), tuple(w for _, w in pairs)
 
 
 def _masked_cross_entropy(
@@ -63,6 +84,24 @@ def _masked_cross_entropy(
     return loss, correct, n_masked
 
 
+def _check_matryoshka(dims: Any, weights: Any) -> None:
+    """``matryoshka_dims``: null or distinct positive integers; ``matryoshka_weights``: null or one number > 0 each."""
+    if dims is None:
+        if weights is not None:
+            raise ConfigError("matryoshka_weights", "needs matryoshka_dims (one weight per dimension)")
+        return
+    if not isinstance(dims, (list, tuple)) or not dims or any(type(d) is not int or d < 1 for d in dims):
+        example = "e.g. [768, 512, 256, 128, 64]"
+        raise ConfigError("matryoshka_dims", f"must be a non-empty list of positive integers, {example}; got {dims!r}")
+    if len(set(dims)) != len(dims):
+        raise ConfigError("matryoshka_dims", f"lists a dimension twice: {list(dims)} (weight it instead)")
+    if weights is not None and (not isinstance(weights, (list, tuple)) or len(weights) != len(dims)):
+        raise ConfigError("matryoshka_weights", f"must be a list of {len(dims)} numbers (one per dim), got {weights!r}")
+    for w in weights or ():
+        if isinstance(w, bool) or not isinstance(w, (int, float)) or not 0 < w < math.inf:
+            raise ConfigError("matryoshka_weights", f"must be numbers > 0 (leave a dim out instead of 0), got {w!r}")
+
+
 @LOSSES.register("infonce")
 class InfoNCELoss(nn.Module):
     """InfoNCE of queries against grouped targets, over the global batch of all ranks.
@@ -86,6 +125,13 @@ class InfoNCELoss(nn.Module):
         mask_same_targets: with ``target_keys`` given, a candidate whose content equals the query's positive
             (two queries of one class share the label text) is not a negative: it is masked, in both terms
             (NV-Embed, arXiv 2405.17428 §3.2; NeMo Retriever). Set False to reproduce VLM2Vec, which keeps them.
+        matryoshka_dims: train every prefix of these widths as an embedding (Matryoshka representation learning,
+            Kusupati et al., NeurIPS 2022): the loss is ``sum_d w_d * InfoNCE(q[:, :d], t[:, :d])`` with both sides
+            re-normalized after the cut (sentence-transformers' ``MatryoshkaLoss``), on the gathered global batch, so
+            cross-rank negatives and GradCache need nothing else. Distinct positive integers in any order (kept widest
+            first), each at most the embedding width; list the full width too, or it is not trained (a warning says
+            so). ``None`` (default): the plain loss. The dims are written to the exported model directory.
+        matryoshka_weights: ``w_d``, one positive number per dim (same order as ``matryoshka_dims``); default 1 each.
         gather: gather queries and targets from all ranks (when a process group exists). The local
             rows keep their gradient; the returned loss is multiplied by the world size so that the
             gradient averaged over ranks (DDP, DeepSpeed) equals the single-process gradient of the
@@ -104,7 +150,8 @@ class InfoNCELoss(nn.Module):
     ``loss`` (``L``, detached), ``accuracy`` (share of queries whose positive is top-1), ``scale``
     (1/tau), ``grad_scale`` (the factor applied), ``masked`` (negatives masked by the margin), ``same_targets``
     (candidates masked as copies of the positive), and the
-    global ``num_queries`` / ``num_targets`` / ``padded_targets``.
+    global ``num_queries`` / ``num_targets`` / ``padded_targets``; with ``matryoshka_dims``, ``loss`` is the weighted
+    sum, ``accuracy`` and ``masked`` are the widest dim's and ``matryoshka_losses`` is ``{dim: InfoNCE at dim}``.
     """
 
     # config-arg sets the registry contract test (tests/test_registry_contract.py) runs
@@ -112,6 +159,7 @@ class InfoNCELoss(nn.Module):
         {},
         {"temperature": 0.05, "learnable_temperature": True, "symmetric": True, "false_negative_margin": 0.1},
         {"in_batch_negatives": False, "temperature": 0.1},
+        {"matryoshka_dims": [16, 8, 4], "matryoshka_weights": [1.0, 0.5, 0.25], "symmetric": True},
     ]
 
     def __init__(
@@ -124,11 +172,16 @@ class InfoNCELoss(nn.Module):
         false_negative_margin: float | None = None,
         gather: bool = True,
         mask_same_targets: bool = True,
+        matryoshka_dims: Sequence[int] | None = None,
+        matryoshka_weights: Sequence[float] | None = None,
     ) -> None:
         super().__init__()
         args = dict(temperature=temperature, learnable_temperature=learnable_temperature, max_scale=max_scale)
         args.update(symmetric=symmetric, in_batch_negatives=in_batch_negatives)
+        args.update(matryoshka_dims=matryoshka_dims, matryoshka_weights=matryoshka_weights)
         self.check_config({**args, "false_negative_margin": false_negative_margin})
+        self.matryoshka_dims, self.matryoshka_weights = _matryoshka(matryoshka_dims, matryoshka_weights)
+        self._warned_width: int | None = None
         self.temperature = float(temperature)
         self.learnable_temperature = bool(learnable_temperature)
         self.max_scale = float(max_scale)
@@ -158,6 +211,7 @@ class InfoNCELoss(nn.Module):
         margin = args.get("false_negative_margin")
         if margin is not None and not margin >= 0:
             raise ConfigError("false_negative_margin", f"must be >= 0 or null, got {margin!r}")
+        _check_matryoshka(args.get("matryoshka_dims"), args.get("matryoshka_weights"))
 
     @property
     def scale(self) -> float:
@@ -219,44 +273,20 @@ class InfoNCELoss(nn.Module):
         n = q.shape[0]
         q32, t32 = q.float(), t.float()  # (N, D), (N * group, D)
         scale = self._scale_tensor(world)
-
-        exclude, same, n_same = None, None, 0
-        if keys is not None:
-            keys = keys.to(q.device)
-            pos_keys = keys.view(n, group)[:, 0]  # (N,)
-        if self.in_batch_negatives:
-            scores = q32 @ t32.T  # (N, N * group)
-            labels = torch.arange(n, device=q.device) * group
-            if valid is not None:
-                exclude = ~valid.to(q.device)[None, :]  # (1, N * group)
-            if keys is not None:  # a copy of query i's positive elsewhere in the batch is not a negative of i
-                same = pos_keys[:, None] == keys[None, :]  # (N, N * group)
-                same[torch.arange(n, device=q.device), labels] = False
-                n_same = int(same.sum())
-                exclude = same if exclude is None else exclude | same
-        else:
-            scores = torch.einsum("nd,ngd->ng", q32, t32.view(n, group, -1))  # (N, group)
-            labels = torch.zeros(n, dtype=torch.long, device=q.device)
-            if valid is not None:
-                exclude = ~valid.to(q.device).view(n, group)  # (N, group)
-            if keys is not None:
-                same = keys.view(n, group) == pos_keys[:, None]
-                same[:, 0] = False
-                n_same = int(same.sum())
-                exclude = same if exclude is None else exclude | same
-        loss, correct, masked = _masked_cross_entropy(scores, labels, scale, self.false_negative_margin, exclude)
-        if self.symmetric:
-            pos = t32.view(n, group, -1)[:, 0]  # (N, D)
-            scores_t = pos @ q32.T  # (N, N)
-            exclude_t = None
-            if keys is not None:  # query j whose positive equals positive i is not a negative of positive i
-                exclude_t = pos_keys[:, None] == pos_keys[None, :]
-                exclude_t.fill_diagonal_(False)
-            loss_t, _, masked_t = _masked_cross_entropy(
-                scores_t, torch.arange(n, device=q.device), scale, self.false_negative_margin, exclude_t
-            )
-            loss = 0.5 * (loss + loss_t)
-            masked += masked_t
+        labels, exclude, exclude_t, n_same = self._masks(n, group, valid, keys, q.device)
+        per_dim: dict[int, torch.Tensor] = {}
+        if self.matryoshka_dims is None:
+            loss, correct, masked = self._terms(q32, t32, n, group, labels, exclude, exclude_t, scale)
+        else:  # sum_d w_d * InfoNCE(first d dims, re-normalized): the gathered rows are cut, so GradCache stays exact
+            self._check_width(q.shape[1])
+            loss = q32.new_zeros(())
+            for dim, weight in zip(self.matryoshka_dims, self.matryoshka_weights):
+                qd, td = _shrink(q32, dim), _shrink(t32, dim)
+                loss_d, correct_d, masked_d = self._terms(qd, td, n, group, labels, exclude, exclude_t, scale)
+                loss = loss + weight * loss_d
+                if not per_dim:  # accuracy and margin masking of the widest dimension
+                    correct, masked = correct_d, masked_d
+                per_dim[dim] = loss_d.detach()
         scaled = loss * world if world > 1 else loss
         if not return_stats:
             return scaled
@@ -271,7 +301,83 @@ class InfoNCELoss(nn.Module):
             "num_targets": n * group,
             "padded_targets": 0 if valid is None else int((~valid).sum().item()),
         }
+        if per_dim:
+            stats["matryoshka_losses"] = per_dim
         return scaled, stats
+
+    def _masks(
+        self, n: int, group: int, valid: torch.Tensor | None, keys: torch.Tensor | None, device: torch.device
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, int]:
+        """Labels (N,), the candidates removed from the main term (broadcastable to its scores) and from the
+        symmetric term, and how many candidates are copies of a query's positive. They do not depend on D."""
+        exclude, exclude_t, n_same, pos_keys = None, None, 0, None
+        if keys is not None:
+            keys = keys.to(device)
+            pos_keys = keys.view(n, group)[:, 0]  # (N,)
+        if self.in_batch_negatives:
+            labels = torch.arange(n, device=device) * group
+            if valid is not None:
+                exclude = ~valid.to(device)[None, :]  # (1, N * group)
+            if keys is not None:  # a copy of query i's positive elsewhere in the batch is not a negative of i
+                same = pos_keys[:, None] == keys[None, :]  # (N, N * group)
+                same[torch.arange(n, device=device), labels] = False
+                n_same = int(same.sum())
+                exclude = same if exclude is None else exclude | same
+        else:
+            labels = torch.zeros(n, dtype=torch.long, device=device)
+            if valid is not None:
+                exclude = ~valid.to(device).view(n, group)  # (N, group)
+            if keys is not None:
+                same = keys.view(n, group) == pos_keys[:, None]
+                same[:, 0] = False
+                n_same = int(same.sum())
+                exclude = same if exclude is None else exclude | same
+        if self.symmetric and pos_keys is not None:  # query j whose positive equals positive i is not its negative
+            exclude_t = pos_keys[:, None] == pos_keys[None, :]
+            exclude_t.fill_diagonal_(False)
+        return labels, exclude, exclude_t, n_same
+
+    def _terms(
+        self,
+        q32: torch.Tensor,
+        t32: torch.Tensor,
+        n: int,
+        group: int,
+        labels: torch.Tensor,
+        exclude: torch.Tensor | None,
+        exclude_t: torch.Tensor | None,
+        scale: torch.Tensor | float,
+    ) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """InfoNCE of ``q32`` (N, d) against ``t32`` (N * group, d): (mean loss, correct top-1, margin-masked)."""
+        if self.in_batch_negatives:
+            scores = q32 @ t32.T  # (N, N * group)
+        else:
+            scores = torch.einsum("nd,ngd->ng", q32, t32.view(n, group, -1))  # (N, group)
+        loss, correct, masked = _masked_cross_entropy(scores, labels, scale, self.false_negative_margin, exclude)
+        if self.symmetric:
+            pos = t32.view(n, group, -1)[:, 0]  # (N, d)
+            scores_t = pos @ q32.T  # (N, N)
+            loss_t, _, masked_t = _masked_cross_entropy(
+                scores_t, torch.arange(n, device=q32.device), scale, self.false_negative_margin, exclude_t
+            )
+            loss = 0.5 * (loss + loss_t)
+            masked += masked_t
+        return loss, correct, masked
+
+    def _check_width(self, width: int) -> None:
+        """Every Matryoshka dim fits the embeddings (known only now when the model has no ``embed_dim``)."""
+        dims = self.matryoshka_dims or ()
+        if dims and dims[0] > width:
+            raise ConfigError("loss.matryoshka_dims", f"{dims[0]} exceeds the embedding dimension {width}")
+        if dims and width not in dims and width != self._warned_width:
+            self._warned_width = width
+            log.warning(
+                "loss.matryoshka_dims %s leave out the full dimension %d: it is not trained as such (as in "
+                "sentence-transformers' MatryoshkaLoss); add %d to train the untruncated embedding too",
+                list(dims),
+                width,
+                width,
+            )
 
     def extra_repr(self) -> str:
         return (
@@ -279,4 +385,5 @@ class InfoNCELoss(nn.Module):
             f"in_batch_negatives={self.in_batch_negatives}, symmetric={self.symmetric}, "
             f"false_negative_margin={self.false_negative_margin}, gather={self.gather}, "
             f"mask_same_targets={self.mask_same_targets}"
+            + (f", matryoshka_dims={list(self.matryoshka_dims)}" if self.matryoshka_dims else "")
         )

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mmembed import api
 from mmembed.config import ModelCfg
 from mmembed.io import save_model
 from mmembed.processing import BaseProcessor
@@ -69,6 +70,11 @@ class EmbeddingModel(nn.Module):
         self.backbone, self.pooler, self.fusion = backbone, pooler, fusion
         self.proj = nn.Linear(backbone.hidden_size, cfg.embed_dim, bias=False) if cfg.embed_dim else None
         self.visual, self.processor = visual, processor
+        #: keep the first ``truncate_dim`` dims of ``encode``'s output (``None``: all); ``mmembed.load(truncate_dim=)``
+        self.truncate_dim: int | None = None
+        #: the dims trained with ``loss.matryoshka_dims`` (written to the model directory and its card), or ``None``
+        self.matryoshka_dims: tuple[int, ...] | None = None
+        self._similarity_fn_name: str | None = None
         # Run the visual path on text-only batches too (times 0), so every rank runs the same modules in every
         # forward: training always needs it; ZeRO-3 evaluation sets it (the training loop does).
         self.uniform_modules = False
@@ -157,8 +163,17 @@ class EmbeddingModel(nn.Module):
         batch_size: int = 32,
         show_progress_bar: bool | None = None,
         convert_to: str = "numpy",
+        *,
+        prompt: str | None = None,
+        prompt_name: str | None = None,
+        normalize_embeddings: bool = False,
+        truncate_dim: int | None = None,
+        precision: str = "float32",
     ) -> np.ndarray | torch.Tensor:
         """Embed aligned lists of texts and images; any item may be ``None``.
+
+        The keyword-only arguments are sentence-transformers' (``SentenceTransformer.encode``, same semantics and
+        order of operations: :mod:`mmembed.api`).
 
         Args:
             texts: strings (may contain the image placeholder), or ``None`` items for image-only rows.
@@ -166,15 +181,29 @@ class EmbeddingModel(nn.Module):
             instruction: one instruction for all rows, one per row, or the name of a saved prompt.
             batch_size: rows per forward; rows are grouped by length to cut padding.
             show_progress_bar: ``None`` shows one on long inputs.
-            convert_to: ``numpy`` (float32 array) or ``torch`` (CPU float32 tensor).
+            convert_to: ``numpy`` (array) or ``torch`` (CPU tensor).
+            prompt: literal instruction text for all rows (never looked up); instead of ``instruction``.
+            prompt_name: a saved prompt (``model.cfg.prompts``); unknown names are an error. Instead of ``instruction``.
+            normalize_embeddings: L2-normalize after truncation (a truncated unit vector is not one otherwise).
+            truncate_dim: keep the first d dims (Matryoshka); default ``self.truncate_dim``.
+            precision: ``float32``, or ``int8`` / ``uint8`` (ranges from this output) / ``binary`` / ``ubinary``
+                (packed bits, (N, ceil(d / 8))), as ``mmembed.api.quantize_embeddings``.
 
         Returns:
-            (N, D) float32, L2-normalized when the model normalizes. Empty input gives (0, D).
+            (N, d) float32 (L2-normalized when the model normalizes and nothing is truncated), or the quantized array.
+            Empty input gives (0, d).
         """
         from tqdm.auto import tqdm
 
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+        if convert_to not in ("numpy", "torch"):
+            raise ValueError(f"convert_to must be 'numpy' or 'torch', got {convert_to!r}")
+        api.check_precision(precision)
+        truncate_dim = api.check_truncate_dim(
+            truncate_dim if truncate_dim is not None else self.truncate_dim, self.embed_dim
+        )
+        instruction = api.resolve_instruction(self.cfg.prompts, instruction, prompt, prompt_name)
         sides = self._rows(texts, images, instruction)
         out = torch.empty(len(sides), self.embed_dim, dtype=torch.float32)
         order = sorted(range(len(sides)), key=lambda i: -self.processor.length(sides[i]))
@@ -189,11 +218,34 @@ class EmbeddingModel(nn.Module):
                 out[idx] = self(batch).float().cpu()
         finally:
             self.train(was_training)
-        if convert_to == "torch":
-            return out
-        if convert_to != "numpy":
-            raise ValueError(f"convert_to must be 'numpy' or 'torch', got {convert_to!r}")
-        return out.numpy()
+        return api.postprocess(out, truncate_dim, normalize_embeddings, precision, convert_to)
+
+    def encode_query(
+        self,
+        texts: Sequence[str | None] | None = None,
+        images: Sequence[ImageRef | Sequence[ImageRef] | None] | None = None,
+        instruction: str | Sequence[str | None] | None = None,
+        **kwargs: Any,
+    ) -> np.ndarray | torch.Tensor:
+        """:meth:`encode` with the saved ``query`` prompt when no instruction is given (sentence-transformers'
+        ``encode_query``); a model without one encodes with no instruction (:func:`mmembed.api.role_prompt`)."""
+        return self._encode_role("query", texts, images, instruction, kwargs)
+
+    def encode_document(
+        self,
+        texts: Sequence[str | None] | None = None,
+        images: Sequence[ImageRef | Sequence[ImageRef] | None] | None = None,
+        instruction: str | Sequence[str | None] | None = None,
+        **kwargs: Any,
+    ) -> np.ndarray | torch.Tensor:
+        """:meth:`encode` with the saved ``document`` (else ``passage``, else ``corpus``) prompt when no instruction is
+        given (sentence-transformers' ``encode_document``); none saved: no instruction."""
+        return self._encode_role("document", texts, images, instruction, kwargs)
+
+    def _encode_role(self, role: str, texts: Any, images: Any, instruction: Any, kwargs: dict[str, Any]) -> Any:
+        if instruction is None and kwargs.get("prompt") is None and kwargs.get("prompt_name") is None:
+            kwargs["prompt_name"] = api.role_prompt(self.cfg.prompts, role)
+        return self.encode(texts, images, instruction, **kwargs)
 
     def _rows(self, texts: Any, images: Any, instruction: Any) -> list[Side]:
         if isinstance(texts, str) or isinstance(images, (str, os.PathLike)):
@@ -203,8 +255,7 @@ class EmbeddingModel(nn.Module):
         if n_t is not None and n_i is not None and n_t != n_i:
             raise ValueError(f"texts ({n_t}) and images ({n_i}) must be aligned lists of the same length")
         n = n_t if n_t is not None else (n_i or 0)
-        if isinstance(instruction, str) or instruction is None:
-            instruction = self.cfg.prompts.get(instruction, instruction) if instruction else None
+        if isinstance(instruction, str) or instruction is None:  # a saved prompt name is resolved by encode
             instructions = [instruction] * n
         else:
             instructions = list(instruction)
@@ -219,12 +270,28 @@ class EmbeddingModel(nn.Module):
             sides.append(Side(instruction=instructions[i], text=None if texts is None else texts[i], images=imgs))
         return sides
 
-    @staticmethod
-    def similarity(a: np.ndarray | torch.Tensor, b: np.ndarray | torch.Tensor) -> np.ndarray | torch.Tensor:
-        """Pairwise scores (N, M) = a @ b.T: cosine for normalized embeddings (MMEB scores with a plain dot)."""
-        if isinstance(a, torch.Tensor):
-            return a @ torch.as_tensor(b, dtype=a.dtype, device=a.device).T
-        return np.asarray(a) @ np.asarray(b).T
+    @property
+    def similarity_fn_name(self) -> str:
+        """``cosine`` | ``dot`` | ``euclidean`` | ``manhattan``: what :meth:`similarity` computes. Saved in the model
+        directory (``similarity``); by default ``cosine`` for a normalizing model, else ``dot``."""
+        return self._similarity_fn_name or ("cosine" if self.cfg.normalize else "dot")
+
+    @similarity_fn_name.setter
+    def similarity_fn_name(self, value: str | None) -> None:
+        self._similarity_fn_name = None if value is None else api.check_similarity_fn_name(value)
+
+    def similarity(self, a: np.ndarray | torch.Tensor, b: np.ndarray | torch.Tensor) -> np.ndarray | torch.Tensor:
+        """Pairwise scores (N, M) with :attr:`similarity_fn_name` (:func:`mmembed.api.similarity`): a tensor for a
+        tensor ``a``, else a numpy array. MMEB scores with a plain dot product of the normalized embeddings."""
+        return api.similarity(a, b, self.similarity_fn_name)
+
+    def similarity_pairwise(self, a: np.ndarray | torch.Tensor, b: np.ndarray | torch.Tensor) -> Any:
+        """Row-wise scores (N,) of ``a[i]`` against ``b[i]`` with :attr:`similarity_fn_name`."""
+        return api.similarity_pairwise(a, b, self.similarity_fn_name)
+
+    def get_embedding_dimension(self) -> int:
+        """Width of :meth:`encode`'s float output: ``truncate_dim`` when set, else :attr:`embed_dim`."""
+        return self.truncate_dim or self.embed_dim
 
     def save(self, directory: str | os.PathLike) -> Path:
         """Write the self-describing model directory (see :func:`mmembed.io.save_model`)."""

@@ -36,6 +36,8 @@ def export_state(cfg: RecipeCfg, state: dict[str, torch.Tensor], out: Path) -> P
         apply_lora(model, cfg.train.lora)
     model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state.items()}, strict=True)
     merge_lora(model)
+    dims = cfg.loss.get("matryoshka_dims")  # written to the model directory and its card (mmembed.io.save_model)
+    model.matryoshka_dims = tuple(sorted(dims, reverse=True)) if dims else None
     return save_model(model.eval(), out)
 
 
