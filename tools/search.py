@@ -9,20 +9,23 @@ from the distinct candidates of MMEB eval data (``--eval-data``):
     python tools/search.py build MODEL --eval-data demo/eval/caption_t2i.parquet --index idx/
     python tools/search.py query idx/ --text "a red circle" [--image q.png] [--instruction ...] [-k 5]
 
-MODEL is a model directory or ``openclip:ARCH[:PRETRAINED]``. The index is an exact inner-product
-index (``IndexFlatIP``: cosine for normalized embeddings, MMEB's similarity); it is written with
-``faiss.write_index`` next to ``rows.jsonl`` (what each vector is) and ``meta.json`` (model, dim).
+MODEL is a model directory or ``openclip:ARCH[:PRETRAINED]``. The folder is :mod:`mmembed.index`'s: an
+inner-product FAISS index (``--kind flat`` exact, the default; ``hnsw`` or ``ivfpq`` approximate), ``rows.jsonl``
+(what each vector is) with its byte offsets, and ``meta.json`` (model, dim, kind). A query memory-maps the index
+and reads only the rows it returns; an existing folder is replaced only with ``--overwrite``.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from mmembed.index import KINDS, Index, open_index
+from mmembed.index import build_index as build
 
 __all__ = ["build_index", "search", "main"]
 
@@ -52,10 +55,10 @@ def build_index(
     embeddings: str | None = None,
     eval_data: str | None = None,
     batch_size: int = 32,
+    kind: str = "flat",
+    overwrite: bool = False,
 ) -> int:
-    """Encode (or read) the rows and write ``index.faiss``, ``rows.jsonl`` and ``meta.json``; returns the count."""
-    import faiss
-
+    """Encode (or read) the rows and write the index folder (:func:`mmembed.index.build_index`); returns the count."""
     from mmembed.cli import read_rows
     from mmembed.eval import load_eval_model
     from mmembed.eval.run import placeholder_of
@@ -83,15 +86,8 @@ def build_index(
             batch_size=batch_size,
             show_progress_bar=None,
         )
-    emb = np.ascontiguousarray(emb, dtype=np.float32)
-    index = faiss.IndexFlatIP(emb.shape[1])
-    index.add(emb)
-    out = Path(index_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    faiss.write_index(index, str(out / "index.faiss"))
-    (out / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    meta = {"model": model_spec, "model_fingerprint": fp, "dim": int(emb.shape[1]), "count": len(rows)}
-    (out / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+    meta = {"model": model_spec, "model_fingerprint": fp}
+    build(np.asarray(emb), rows, index_dir, kind=kind, meta=meta, overwrite=overwrite)
     return len(rows)
 
 
@@ -103,29 +99,27 @@ def search(
     instruction: str | None = None,
     k: int = 5,
     model: Any = None,
+    index: Index | None = None,
 ) -> list[dict[str, Any]]:
-    """Top-``k`` rows for one text and/or image query: ``[{"rank", "score", "id", "text", "image"}]``."""
-    import faiss
+    """Top-``k`` rows for one text and/or image query: ``[{"rank", "score", "id", "text", "image"}]``.
 
+    ``model`` and ``index`` (an open :class:`mmembed.index.Index`) may be passed to keep them loaded between queries.
+    """
     from mmembed.eval import load_eval_model
 
-    folder = Path(index_dir)
-    meta = json.loads((folder / "meta.json").read_text())
-    if model is None:
-        model, _ = load_eval_model(meta["model"])
     if text is None and image is None:
         raise ValueError("give a query text, an image, or both")
-    q = np.asarray(model.encode(texts=[text], images=[image], instruction=instruction, batch_size=1), dtype=np.float32)
-    if q.shape[1] != meta["dim"]:
-        raise ValueError(f"{folder}: index has dimension {meta['dim']} but the model gives {q.shape[1]}")
-    index = faiss.read_index(str(folder / "index.faiss"))
-    scores, ids = index.search(q, min(k, index.ntotal))
-    rows = [json.loads(line) for line in (folder / "rows.jsonl").read_text().splitlines()]
-    return [
-        {"rank": r + 1, "score": float(s), **{key: rows[i][key] for key in ("id", "text", "image")}}
-        for r, (s, i) in enumerate(zip(scores[0], ids[0]))
-        if i >= 0
-    ]
+    opened = index is None
+    index = open_index(index_dir) if opened else index
+    try:
+        if model is None:
+            model, _ = load_eval_model(index.meta["model"])
+        q = model.encode(texts=[text], images=[image], instruction=instruction, batch_size=1)
+        hits = index.search(np.asarray(q, dtype=np.float32), k)[0]
+    finally:
+        if opened:
+            index.close()
+    return [{key: h.get(key) for key in ("rank", "score", "id", "text", "image")} for h in hits]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -138,6 +132,8 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--embeddings", default=None, help=".npy from `mmembed encode` for the --input rows")
     b.add_argument("--eval-data", default=None, help="MMEB eval file/folder: index its distinct candidates")
     b.add_argument("--batch-size", type=int, default=32)
+    b.add_argument("--kind", choices=KINDS, default="flat", help="flat: exact; hnsw, ivfpq: approximate, sub-linear")
+    b.add_argument("--overwrite", action="store_true", help="replace an existing index folder")
     q = sub.add_parser("query", help="top-k rows for a text and/or image query")
     q.add_argument("index")
     q.add_argument("--text", default=None)
@@ -154,6 +150,8 @@ def main(argv: list[str] | None = None) -> int:
                 embeddings=a.embeddings,
                 eval_data=a.eval_data,
                 batch_size=a.batch_size,
+                kind=a.kind,
+                overwrite=a.overwrite,
             )
             print(f"indexed {n} rows into {a.index}")
         else:
