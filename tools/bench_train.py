@@ -18,6 +18,12 @@ resident in memory at once) until a step fails, printing samples/s and memory fo
 
     python tools/bench_train.py --recipe recipes/vlm2vec/qwen2vl_2b.yaml --random-init --precision bf16 \
         --global-batch 128 --chunk 8 --max-chunk 128
+
+``--zero-breakdown`` launches 2 CPU ranks (torchrun, gloo, as tests/multirank does) on the tiny recipe and trains the
+same model and data four ways in one run: ZeRO-0 plain, ZeRO-0 + GradCache, ZeRO-3 plain, ZeRO-3 + GradCache, printing
+steps/s and samples/s as ratios to ZeRO-0 plain, then where each step's time goes (``bench_train_zero.py``):
+
+    python tools/bench_train.py --zero-breakdown                  # batch 16 per rank, chunk 4, 6 timed steps
 """
 
 from __future__ import annotations
@@ -75,6 +81,12 @@ def main() -> None:
     ap.add_argument("--random-init", action="store_true", help="native VLM recipes: built-in architecture, no download")
     ap.add_argument("--dtype", help="native VLM recipes: override model.backbone.dtype (float32 / bfloat16)")
     ap.add_argument("--max-chunk", type=int, default=0, help="double the GradCache chunk from --chunk up to this")
+    ap.add_argument("--zero-breakdown", action="store_true", help="2 CPU ranks: ZeRO-0/3 x plain/GradCache, per phase")
+    if "--zero-breakdown" in sys.argv[1:]:  # its own options: bench_train_zero.py --help
+        from bench_train_zero import main as breakdown  # tools/ is on sys.path when run as a script
+
+        breakdown([a for a in sys.argv[1:] if a != "--zero-breakdown"])
+        return
     args = ap.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="bench_train_"))
     data = Path(args.data) if args.data else tmp / "demo"

@@ -9,6 +9,10 @@ Measured on DeepSpeed 0.19.8 (docs/deepspeed.md, "GradCache under DeepSpeed 0.19
   chunks' gradients on ZeRO 1/2; ``coalesce_grad_reduction`` is refused on stage 0).
 - ``loss.backward()`` is refused on ZeRO 0: use ``engine.backward``.
 - Client optimizers need ``zero_allow_untested_optimizer`` on ZeRO 1-3.
+- ZeRO-3 runs Python hooks on every submodule in every forward and backward (gather, release, trace
+  bookkeeping) and reduce-scatters the gradients after every backward, which costs a GradCache step
+  once per chunk and pass. ``zero3_step`` gathers the parameters once per step, suspends those hooks
+  and reduces once (docs/deepspeed.md, "ZeRO-3 step cost").
 
 ``deepspeed`` is imported inside the functions, so importing this module is cheap and the inference
 path never pulls DeepSpeed in.
@@ -16,10 +20,12 @@ path never pulls DeepSpeed in.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
 import socket
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -29,6 +35,8 @@ __all__ = [
     "build_deepspeed_config",
     "engine_backward",
     "gradcache_engine_hooks",
+    "Zero3StepMode",
+    "zero3_step",
     "init_distributed",
     "free_port",
     "gathered_state_dict",
@@ -134,6 +142,75 @@ def gradcache_engine_hooks(engine: Any) -> dict[str, Callable[..., Any]]:
         engine.set_gradient_accumulation_boundary(is_last)
 
     return {"backward_fn": engine.backward, "before_backward": before_backward}
+
+
+@dataclass(frozen=True)
+class Zero3StepMode:
+    """What ``zero3_step`` does for one step: ``gathered`` (all parameters gathered once, ZeRO-3's module hooks
+    suspended) and ``coalesced`` (one gradient reduction after the last backward)."""
+
+    gathered: bool = False
+    coalesced: bool = False
+
+
+@contextlib.contextmanager
+def zero3_step(engine: Any, *, gather: bool | None = None, coalesce: bool | None = None) -> Iterator[Zero3StepMode]:
+    """Run one optimizer step's forwards and backwards (plain or GradCache) with ZeRO-3's per-module cost paid once.
+
+    Without it, ZeRO-3 gathers and releases each submodule's parameters in Python hooks in every forward and
+    backward, and reduce-scatters all gradients after every ``engine.backward``: a GradCache step pays that once
+    per chunk and pass (``tools/bench_train.py --zero-breakdown``). Inside this context:
+
+    - ``gather``: every parameter is gathered once (``deepspeed.zero.GatheredParameters``, no modifier rank) and
+      DeepSpeed's module hooks are removed for the step, then registered again on exit (what DeepSpeed's own
+      ``unwrap_model_for_generation`` does, with the re-registration in a ``finally``). The forwards and
+      backwards then run on full tensors like ZeRO-0; gradients still reach the ZeRO-3 optimizer through its
+      per-parameter gradient hooks. Costs the full parameters in memory for the step.
+    - ``coalesce``: ``engine.coalesce_grad_reduction()``: gradients stay on the parameters until the block exits,
+      then one reduce-scatter. Costs full-size gradients of the trainable parameters for the step.
+
+    ``None`` (the default) decides by DeepSpeed's own bound on resident parameters,
+    ``zero_optimization.stage3_max_live_parameters`` (default 1e9): gather when the model has at most that many
+    elements, coalesce when its trainable parameters do. Set it lower in a ``train.deepspeed`` JSON to keep
+    ZeRO-3's per-module gathering for a model that must not be resident at once. Stages 0-2: a no-op.
+
+    Exact: the same gradients as the per-module path (``tests/multirank``). ``engine.step()`` comes after the
+    block. Every rank must take the same decision: they do, since it depends on the model and config only.
+    """
+    offload = getattr(getattr(engine, "optimizer", None), "parameter_offload", None)  # DeepSpeedZeRoOffload
+    if engine.zero_optimization_stage() != 3 or offload is None:
+        yield Zero3StepMode()
+        return
+    params = list(engine.module.parameters())
+    limit = engine.zero_max_live_parameters()
+    if gather is None:
+        gather = sum(p.ds_numel for p in params) <= limit
+    if coalesce is None:
+        coalesce = sum(p.ds_numel for p in params if p.requires_grad) <= limit
+    # coalesce_grad_reduction refuses unmanaged accumulation and optimizer wrappers without the flag it sets
+    coalesce = bool(coalesce) and engine.managed_gradient_accumulation()
+    coalesce = coalesce and hasattr(engine.optimizer, "_coalesce_grad_reduction")
+    with contextlib.ExitStack() as stack:
+        if gather:
+            stack.enter_context(_gathered_without_hooks(offload, params))
+        if coalesce:  # inside the gathering: the reduction runs before the parameters are partitioned again
+            stack.enter_context(engine.coalesce_grad_reduction())
+        yield Zero3StepMode(gathered=gather, coalesced=coalesce)
+
+
+@contextlib.contextmanager
+def _gathered_without_hooks(offload: Any, params: list[nn.Parameter]) -> Iterator[None]:
+    """All ``params`` gathered and ``offload``'s module hooks removed; both undone on exit, also after an error."""
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
+        for handle in offload.forward_hooks + offload.backward_hooks:
+            handle.remove()
+        offload.forward_hooks, offload.backward_hooks = [], []
+        try:
+            yield
+        finally:  # hooks back (this also invalidates the parameter trace: the next hooked forward records it again)
+            offload._register_deepspeed_module(offload.module)
 
 
 def free_port() -> int:

@@ -45,6 +45,7 @@ from mmembed.train.deepspeed_utils import (
     engine_backward,
     gradcache_engine_hooks,
     init_distributed,
+    zero3_step,
 )
 from mmembed.train.export import export_engine
 from mmembed.train.gradcache import gradcache_step
@@ -241,24 +242,29 @@ def train(cfg: RecipeCfg) -> TrainResult:
 
 
 def _forward_backward(engine: Any, task: ContrastiveTask, batch: dict[str, Any], chunk: int) -> tuple[float, dict]:
-    """Forward and backward of one step (plain or GradCache); returns the logged loss and stats."""
+    """Forward and backward of one step (plain or GradCache); returns the logged loss and stats.
+
+    Under ZeRO-3 the step runs inside ``zero3_step``: parameters gathered once and one gradient reduction, instead
+    of once per submodule call and once per GradCache chunk (a no-op on stages 0-2).
+    """
     loss_fn = functools.partial(_checked_loss, task, batch.get("negative_mask"), batch.get("target_keys"))
-    if chunk:
-        result = gradcache_step(
-            engine,
-            batch["query"],
-            batch["target"],
-            loss_fn,
-            chunk,
-            split_fn=task.model.processor.split,  # the processor knows its batch layout
-            loss_params=[p for p in task.loss.parameters() if p.requires_grad],
-            **gradcache_engine_hooks(engine),
-        )
-        return float(result.loss), result.stats
-    q = engine(batch["query"])  # (Bq, D)
-    t = engine(batch["target"])  # (Bq * (1 + k), D)
-    loss, stats = loss_fn(q, t)
-    engine_backward(engine, loss, is_last=True)
+    with zero3_step(engine):
+        if chunk:
+            result = gradcache_step(
+                engine,
+                batch["query"],
+                batch["target"],
+                loss_fn,
+                chunk,
+                split_fn=task.model.processor.split,  # the processor knows its batch layout
+                loss_params=[p for p in task.loss.parameters() if p.requires_grad],
+                **gradcache_engine_hooks(engine),
+            )
+            return float(result.loss), result.stats
+        q = engine(batch["query"])  # (Bq, D)
+        t = engine(batch["target"])  # (Bq * (1 + k), D)
+        loss, stats = loss_fn(q, t)
+        engine_backward(engine, loss, is_last=True)
     return float(stats["loss"]), stats
 
 

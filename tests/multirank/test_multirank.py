@@ -102,6 +102,7 @@ def test_gradcache_through_deepspeed_engine_zero_0_1_2_3(tmp_path: Path, extensi
 
     Per stage, also with a learnable temperature held by the engine's model and with active gradient
     clipping (both exact), and in bf16 (loose: bf16 rounding; a wrong gradient scale would be >= 0.5 off).
+    ZeRO 3 also inside ``zero3_step`` (parameters gathered once, one reduction), over two steps as well.
     """
     results = launch("_worker_gradcache_ds.py", "gradcache_ds", tmp_path, extensions_dir)
     for rank, res in enumerate(results):
@@ -116,3 +117,16 @@ def test_gradcache_through_deepspeed_engine_zero_0_1_2_3(tmp_path: Path, extensi
             assert row["gradcache"]["loss"] == pytest.approx(row["plain"]["loss"], rel=TOL)
         # negative control: without the boundary flag ZeRO 2 keeps only the last chunk's gradient
         assert res["stages"]["2"]["control_no_boundary"]["rel_update_vs_reference"] > 0.1
+        # ZeRO 3 inside zero3_step (the training loop's path): gathered once, hooks off, one reduction
+        z3 = res["stages"]["3"]
+        exact = ("z3step_gradcache", "z3step_plain", "z3step_learnable", "z3step_two_steps", "z3step_coalesce_only")
+        for mode in exact:
+            assert z3[mode]["rel_weights_vs_reference"] <= TOL, (rank, mode, z3[mode])
+            assert z3[mode]["rel_update_vs_reference"] <= 1e-4, (rank, mode, z3[mode])
+            gathered = mode != "z3step_coalesce_only"
+            assert z3[mode]["zero3_step"] == {"gathered": gathered, "coalesced": True}, (rank, mode, z3[mode])
+        assert z3["z3step_bf16"]["rel_update_vs_reference"] <= 0.1, (rank, z3["z3step_bf16"])
+        after_error = z3["z3step_after_error"]
+        assert after_error["zero3_step"] == {"hooks_restored": True, "partitioned": True}, (rank, after_error)
+        assert after_error["rel_weights_vs_reference"] <= TOL, (rank, after_error)
+        assert z3["z3step_gradcache"]["loss"] == pytest.approx(z3["plain"]["loss"], rel=TOL)
