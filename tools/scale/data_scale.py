@@ -101,6 +101,7 @@ def measure(quick: bool = False) -> list[dict]:
                     "what": f"{kind}: private memory at {large // 1000}k rows / {small // 1000}k",
                     "work": large / small,
                     "cost": b["now"]["RssAnon"] / a["now"]["RssAnon"],
+                    "target": 1.5,  # #16: loader memory at 1M rows within 1.5x of 10k rows
                     "extra": {
                         "rss_mb": [round(a["now"]["VmRSS"], 1), round(b["now"]["VmRSS"], 1)],
                         "held_by_loader_mb": [round(held[small], 1), round(held[large], 1)],
