@@ -4,8 +4,8 @@ For each size an index folder of random unit vectors is written (the layout both
 read: ``index.faiss``, ``rows.jsonl``, ``meta.json``; plus ``rows.offsets.npy`` when :mod:`mmembed.index` exists),
 then ``search()`` of the measured revision's ``tools/search.py`` answers the same queries with a fixed query
 vector (an encoder stand-in, so that the model's time does not hide the index's). The cost is the median time
-of one query, the index opened anew each time, as the command line does; the current code also reports a query
-against an index kept open (``mmembed.index.Index``) and the ``hnsw`` kind.
+of one query (FAISS on one thread), the index opened anew each time, as the command line does; the current code
+also reports a query against an index kept open (``mmembed.index.Index``) and the ``hnsw`` kind.
 
     python tools/scale/search_scale.py [--quick]        # JSON rows; tools/bench_scale.py prints them as a table
 """
@@ -74,6 +74,11 @@ def _median_query(fn, repeats: int) -> float:
 
 
 def measure(quick: bool = False, dim: int = 64) -> list[dict]:
+    import faiss
+
+    # one thread: on a shared 2-core machine OpenMP's barrier waits turn a 0.2 ms query into a scheduler time
+    # slice (16 ms at every size), and the ratio would measure the scheduler
+    faiss.omp_set_num_threads(1)
     small, large = (10_000, 100_000) if quick else (100_000, 1_000_000)
     tool, enc = _search_tool(), FixedQuery(dim)
     out = []
