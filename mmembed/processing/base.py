@@ -134,10 +134,12 @@ class BaseProcessor:
             raise ValueError(f"chunk size must be >= 1, got {chunk_size}")
         n = batch["input_ids"].shape[0]
         counts = batch["image_counts"]
-        img_offsets = torch.cat([torch.zeros(1, dtype=torch.long), counts.cumsum(0)])
+        # offsets live on the CPU whatever the batch's device: they are only read as Python ints, so one copy here
+        # replaces a device sync per chunk (and a CPU zero cannot meet a CUDA cumsum)
+        img_offsets = torch.cat([torch.zeros(1, dtype=torch.long), counts.cpu().cumsum(0)])
         grid = batch.get(self.patch_grid_key) if self.patch_grid_key else None
         if grid is not None:  # image i's rows of pixel_values: [pix_offsets[i], pix_offsets[i + 1])
-            pix_offsets = torch.cat([torch.zeros(1, dtype=torch.long), grid.prod(dim=-1).cumsum(0)])
+            pix_offsets = torch.cat([torch.zeros(1, dtype=torch.long), grid.cpu().prod(dim=-1).cumsum(0)])
         else:
             pix_offsets = torch.arange(int(img_offsets[-1]) + 1)
         per_image = ("image_counts", "pixel_values", *self.image_keys)
