@@ -12,6 +12,15 @@ takes that dataset's next row from a per-epoch permutation (every row once per e
 With ``shuffle=False`` the datasets are read in order, concatenated (the order a webdataset
 conversion without shuffling yields).
 
+Position: the dataset choices of step ``s`` come from a generator seeded by ``(seed, s)`` and the
+permutation of epoch ``e`` of dataset ``d`` from one seeded by ``(seed, d, e)``, so both are computed
+directly. What links the steps is ``counts[d]``, the rows of ``d`` drawn before step ``s``: a sum of ``s``
+independent draws, with no closed form. The sampler therefore keeps them as its position:
+:meth:`MixtureSampler.position` gives them (catching up from the nearest known step, one generator per
+step, with a snapshot every :data:`SNAPSHOT_EVERY` steps), :meth:`MixtureSampler.restore` sets them, and
+:class:`StepLoader` writes them into every checkpoint, so a resume costs the same at any step. A position
+without them (a checkpoint from before) is recomputed from step 0, which gives the same batches.
+
 A bad row (unreadable, missing image, ...) is replaced by the next row of the same dataset and
 counted, so batches keep their size and stay deterministic. :class:`TrainBatches` builds, collates
 and counts one rank's batch per step inside DataLoader workers; :class:`StepLoader` drives it and
@@ -20,6 +29,8 @@ exposes the position for checkpoints.
 
 from __future__ import annotations
 
+import bisect
+import hashlib
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -31,7 +42,9 @@ from mmembed.data.dataset import SampleDataset
 from mmembed.data.sample import Sample
 from mmembed.data.skips import BadSample, DataError, SkipCounter, error_marker, raise_marker
 
-__all__ = ["MixtureSampler", "TrainBatches", "StepLoader"]
+__all__ = ["MixtureSampler", "TrainBatches", "StepLoader", "SNAPSHOT_EVERY"]
+
+SNAPSHOT_EVERY = 1024  # steps between the counts a sampler keeps while it catches up (random access back)
 
 
 class MixtureSampler:
@@ -65,16 +78,22 @@ class MixtureSampler:
         self.sizes, self.probs = list(sizes), w / w.sum()
         self.global_batch_size, self.seed = global_batch_size, seed
         self.homogeneous, self.shuffle = homogeneous, shuffle
+        self._cdf = self.probs.cumsum()  # what Generator.choice(n, p=probs) searches, bit for bit
+        self._cdf /= self._cdf[-1]
         self._step = 0  # counts[d] = rows of dataset d used before self._step
         self._counts = np.zeros(len(sizes), dtype=np.int64)
+        self._marks: dict[int, np.ndarray] = {0: self._counts.copy()}  # known counts by step
+        self._mark_steps = [0]  # sorted keys of _marks
         self._perms: dict[int, tuple[int, np.ndarray]] = {}
 
     def _choices(self, step: int) -> np.ndarray:
+        """The dataset of each position of step ``step``: ``rng.choice(n, size, p=probs)`` computed as numpy does
+        (a uniform draw per position searched in the normalised cumulative weights), without its argument checks."""
         rng = np.random.default_rng([self.seed, step, 0x6D6978])
-        n = len(self.sizes)
         if self.homogeneous:
-            return np.full(self.global_batch_size, rng.choice(n, p=self.probs), dtype=np.int64)
-        return rng.choice(n, size=self.global_batch_size, p=self.probs)
+            d = int(self._cdf.searchsorted(rng.random(), side="right"))
+            return np.full(self.global_batch_size, d, dtype=np.int64)
+        return self._cdf.searchsorted(rng.random(self.global_batch_size), side="right").astype(np.int64)
 
     def _perm(self, d: int, epoch: int) -> np.ndarray:
         cached = self._perms.get(d)
@@ -83,6 +102,57 @@ class MixtureSampler:
             cached = (epoch, rng.permutation(self.sizes[d]))
             self._perms[d] = cached
         return cached[1]
+
+    def _mark(self, step: int, counts: np.ndarray) -> None:
+        if step not in self._marks:
+            bisect.insort(self._mark_steps, step)
+        self._marks[step] = counts.copy()
+
+    def _seek(self, step: int) -> None:
+        """Make ``self._counts`` the counts before ``step``: from the nearest known step at or below it."""
+        base = self._mark_steps[bisect.bisect_right(self._mark_steps, step) - 1]
+        if step < self._step or base > self._step:
+            self._step, self._counts = base, self._marks[base].copy()
+        n = len(self.sizes)
+        while self._step < step:
+            choices = self._choices(self._step)
+            if self.homogeneous:
+                self._counts[choices[0]] += self.global_batch_size
+            else:
+                self._counts += np.bincount(choices, minlength=n)
+            self._step += 1
+            if self._step % SNAPSHOT_EVERY == 0:
+                self._mark(self._step, self._counts)
+
+    def position(self, step: int) -> list[int]:
+        """``counts[d]``: rows of dataset ``d`` drawn before ``step`` (what :meth:`restore` takes back)."""
+        if step < 0:
+            raise ValueError(f"step must be >= 0, got {step}")
+        if not self.shuffle:
+            return []
+        self._seek(step)
+        return [int(c) for c in self._counts]
+
+    def restore(self, step: int, counts: list[int]) -> None:
+        """Set the position at ``step`` (from :meth:`position`): later steps are computed from it, not from 0.
+
+        Raises:
+            ValueError: ``counts`` is not one count >= 0 per dataset adding up to ``step * global_batch_size``.
+        """
+        c = np.asarray(counts, dtype=np.int64)
+        if step < 0 or c.shape != (len(self.sizes),) or (c < 0).any() or int(c.sum()) != step * self.global_batch_size:
+            raise ValueError(
+                f"data position: counts {list(counts)} at step {step} are not {len(self.sizes)} counts adding up to "
+                f"step x global batch size = {step * self.global_batch_size}"
+            )
+        self._mark(step, c)
+        self._step, self._counts = step, c
+
+    def fingerprint(self) -> str:
+        """What the counts depend on besides the seed: weights, batch size, homogeneity."""
+        h = hashlib.sha256(self.probs.tobytes())
+        h.update(f"{self.global_batch_size},{self.homogeneous},{self.shuffle},{len(self.sizes)}".encode())
+        return h.hexdigest()[:16]
 
     def global_batch(self, step: int) -> list[tuple[int, int]]:
         """The ``(dataset, row)`` pairs of the global batch at ``step`` (any order of calls)."""
@@ -98,11 +168,7 @@ class MixtureSampler:
                 d = int(np.searchsorted(starts, q, side="right") - 1)
                 out.append((d, int(q - starts[d])))
             return out
-        if step < self._step:  # going back: replay from the start (cheap: one rng draw per step)
-            self._step, self._counts = 0, np.zeros_like(self._counts)
-        while self._step < step:
-            self._counts += np.bincount(self._choices(self._step), minlength=len(self.sizes))
-            self._step += 1
+        self._seek(step)
         choices = self._choices(step)
         seen = self._counts.copy()
         out = []
@@ -111,6 +177,9 @@ class MixtureSampler:
             seen[d] += 1
             size = self.sizes[d]
             out.append((d, int(self._perm(d, k // size)[k % size])))
+        self._step, self._counts = step + 1, seen  # the next step starts here: its counts are these
+        if self._step % SNAPSHOT_EVERY == 0:
+            self._mark(self._step, seen)
         return out
 
     def local_slice(self, rank: int, world_size: int) -> slice:
@@ -240,8 +309,10 @@ class StepLoader:
 
     Decoding, transforms and collation run in the ``num_workers`` worker processes; the batches come
     back in step order. Position = the next step to fetch; :meth:`state_dict` / :meth:`load_state_dict`
-    carry it (with the seed and global batch size, checked on load) into checkpoints.
-    ``skips`` accumulates the workers' skip counters.
+    carry it (with the seed and global batch size, checked on load) into checkpoints, together with the
+    sampler's per-dataset counts at that step (:meth:`MixtureSampler.position`), so that resuming at any
+    step starts from there instead of recomputing the steps before it. ``skips`` accumulates the workers'
+    skip counters.
     """
 
     def __init__(
@@ -252,6 +323,8 @@ class StepLoader:
         self.skips = SkipCounter()
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
+        # Position the sampler here once: the workers get copies of it and start from this step.
+        self.batches.sampler.position(min(self.step, self.max_steps))
         loader = torch.utils.data.DataLoader(
             self.batches,
             batch_size=None,
@@ -270,12 +343,26 @@ class StepLoader:
         return max(0, self.max_steps - self.step)
 
     def state_dict(self) -> dict[str, Any]:
+        """``{"kind": "map", "step", "seed", "global_batch_size", "mix", "counts"}``; the counts are caught up from
+        the last known step (the last call or the resumed one: the steps since then, one generator each)."""
         s = self.batches.sampler
-        return {"kind": "map", "step": self.step, "seed": s.seed, "global_batch_size": s.global_batch_size}
+        state: dict[str, Any] = {
+            "kind": "map",
+            "step": self.step,
+            "seed": s.seed,
+            "global_batch_size": s.global_batch_size,
+        }
+        if s.shuffle:
+            state["mix"], state["counts"] = s.fingerprint(), s.position(self.step)
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore the position. Counts saved for other weights (``mix`` differs) or none at all (an older
+        checkpoint) are recomputed from step 0 instead, which yields the same batches."""
         s = self.batches.sampler
         for key, mine in (("kind", "map"), ("seed", s.seed), ("global_batch_size", s.global_batch_size)):
             if state.get(key) != mine:
                 raise ValueError(f"data position: {key} is {state.get(key)!r} in the checkpoint but {mine!r} now")
         self.step = int(state["step"])
+        if s.shuffle and state.get("counts") is not None and state.get("mix") == s.fingerprint():
+            s.restore(self.step, state["counts"])

@@ -11,9 +11,14 @@ Reader (:class:`WdsStream`): the shard list is split over ``world_size * num_wor
 (stream ``g = rank * num_workers + worker`` takes shards ``g, g + T, ...`` of each epoch's order),
 so no two streams share a shard; ``shardshuffle`` permutes the order per epoch from the seed,
 ``shuffle_buffer`` shuffles samples with a seeded buffer, ``resample=True`` repeats epochs forever.
-Everything is a function of (seed, rank, world, workers), so a stream's position is the number of raw
-samples it has consumed; resuming skips exactly that many (whole shards first when the buffer is off
-and ``shards.json`` gives the counts). :class:`WdsLoader` records those positions from the batches it
+Everything is a function of (seed, rank, world, workers). A stream's position is its input cursor
+(epoch, shard number in that epoch's order, samples read from that shard), the shuffle generator's state and
+the cursors of the samples waiting in the buffer; each batch carries it. Resuming opens the cursor's shard
+directly (earlier shards are never opened), reads the buffered samples back from the few shards that hold them,
+and restores the generator: the stream goes on exactly as the uninterrupted one, at a cost bounded by the buffer
+and the shard size, not by the samples consumed (docs/data.md, "Resuming a stream"). A position that only has
+the raw count (a checkpoint from before) skips that many samples as before (whole shards by ``shards.json``
+without a buffer; through the buffer with one). :class:`WdsLoader` records the positions from the batches it
 hands out and rotates worker ids on resume so the batch order continues exactly. A truncated shard (a tar
 error, or fewer samples than ``shards.json`` lists: a cut at a tar header boundary reads like a clean end)
 is counted (``truncated_shard``, fatal in strict mode) and the stream moves on to the next shard. A
@@ -36,11 +41,10 @@ from mmembed.data.dataset import decode_sample
 from mmembed.data.formats import content_key, convert_text
 from mmembed.data.sample import Sample, Side
 from mmembed.data.skips import BadSample, DataError, SkipCounter, error_marker, raise_marker
+from mmembed.data.wds_reader import INDEX_NAME, StreamReader
 from mmembed.images import DEFAULT_MAX_PIXELS
 
 __all__ = ["WdsStream", "WdsLoader", "list_shards", "sample_from_wds", "side_to_json"]
-
-INDEX_NAME = "shards.json"
 
 
 def list_shards(spec: str | Path) -> tuple[list[str], dict[str, int]]:
@@ -119,7 +123,8 @@ class WdsStream(torch.utils.data.IterableDataset):
         shardshuffle: permute the shard order each epoch.
         resample: endless epochs (False: one pass; the last partial batch is yielded).
         collate: runs in the worker on the list of decoded samples.
-        start: ``{stream id: raw samples to skip}`` (set by :meth:`WdsLoader.load_state_dict`).
+    Attributes set by :class:`WdsLoader` before iterating: ``resume`` ``{stream id: position}`` (the batches'
+    ``"position"``), else ``start`` ``{stream id: raw samples to skip}`` (an older checkpoint).
     """
 
     def __init__(
@@ -145,6 +150,7 @@ class WdsStream(torch.utils.data.IterableDataset):
         self.collate, self.placeholder, self.max_pixels, self.strict = collate, placeholder, max_pixels, strict
         self.shard_counts = shard_counts or {}
         self.start: dict[int, int] = {}
+        self.resume: dict[int, dict[str, Any]] = {}  # {stream id: StreamReader.state()}, preferred to ``start``
         self.rotation = 0  # worker w serves stream (w + rotation) % num_workers
 
     def check_split(self, num_workers: int) -> None:
@@ -161,49 +167,6 @@ class WdsStream(torch.utils.data.IterableDataset):
             perm = np.random.default_rng([self.seed, epoch, 0x736872]).permutation(len(order))
             order = [order[j] for j in perm]
         return order[g::total]
-
-    def _raw(self, g: int, total: int, skip: int, counter: SkipCounter) -> Iterator[dict[str, Any]]:
-        """Raw grouped samples of stream ``g``, with the first ``skip`` already dropped."""
-        import webdataset as wds
-
-        errors: list[Exception] = []  # the first tar error of the shard being read
-
-        def handler(exn: Exception) -> bool:  # tar errors: remember the first, go on with the next shard
-            if not errors:
-                errors.append(exn)
-            # Reported after the shard (below), not from here: webdataset's own ``except`` blocks around
-            # this call would catch a DataError raised here, pass it to this handler again and go on.
-            return True
-
-        def stream() -> Iterator[dict[str, Any]]:
-            remaining = skip if self.shuffle_buffer <= 0 else 0
-            epoch = 0
-            while True:
-                for shard in self._epoch_shards(epoch, g, total):
-                    n = self.shard_counts.get(shard)
-                    if n is not None and remaining >= n:  # skip a whole shard without opening it
-                        remaining -= n
-                        continue
-                    errors.clear()
-                    got = 0  # samples of this shard, the ones skipped on resume included
-                    for s in wds.tariterators.tarfile_samples([{"url": shard}], handler=handler):
-                        got += 1
-                        if remaining > 0:
-                            remaining -= 1
-                            continue
-                        yield s
-                    _check_shard(shard, got, n, errors[0] if errors else None, counter)
-                epoch += 1
-                if not self.resample:
-                    return
-
-        it: Iterator[dict[str, Any]] = stream()
-        if self.shuffle_buffer > 0:
-            it = wds.filters._shuffle(it, self.shuffle_buffer, self.shuffle_buffer, seed=self.seed * 100_003 + g)
-            for _ in range(skip):  # replay through the buffer so the shuffle state matches exactly
-                if next(it, None) is None:
-                    return
-        yield from it
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         if torch.utils.data.get_worker_info() is None:
@@ -225,8 +188,14 @@ class WdsStream(torch.utils.data.IterableDataset):
         self.check_split(nw)
         pos = self.start.get(sid, 0)
         counter = SkipCounter(strict=self.strict)
+        reader = StreamReader(self, g, total, counter)
+        state = self.resume.get(sid)
+        if state is not None and reader.restore(state):
+            pos = int(state["raw"])
+        else:
+            reader.skip_raw(pos)
         batch: list[Sample] = []
-        for raw in self._raw(g, total, pos, counter):
+        for raw in reader:
             pos += 1
             try:
                 sample = decode_sample(sample_from_wds(raw, self.placeholder), self.max_pixels)
@@ -239,14 +208,14 @@ class WdsStream(torch.utils.data.IterableDataset):
                 out = self._collate(batch, counter)
                 if out is None:  # the processor rejected some samples: they were removed, keep filling
                     continue
-                yield self._emit(out, counter, sid, pos)
+                yield self._emit(out, counter, sid, pos, reader)
                 batch = []
                 counter.reset()  # the same object: the shard-error handler holds it
         out = None
         while batch and out is None:
             out = self._collate(batch, counter)
         if out is not None or counter.read or counter.events:
-            yield self._emit(out or {"samples": []}, counter, sid, pos)
+            yield self._emit(out or {"samples": []}, counter, sid, pos, reader)
 
     def _collate(self, batch: list[Sample], counter: SkipCounter) -> dict[str, Any] | None:
         """Collated batch, or None after removing (and counting) the samples the processor rejects."""
@@ -266,8 +235,10 @@ class WdsStream(torch.utils.data.IterableDataset):
                 counter.reclassify(s.source, "processor_error", problem)
             return None
 
-    def _emit(self, out: dict[str, Any], counter: SkipCounter, sid: int, pos: int) -> dict[str, Any]:
-        out["position"] = {"stream": sid, "raw": pos}
+    def _emit(
+        self, out: dict[str, Any], counter: SkipCounter, sid: int, pos: int, reader: StreamReader
+    ) -> dict[str, Any]:
+        out["position"] = {"stream": sid, "raw": pos, **reader.state()}
         out["skips"] = counter.to_dict()
         return out
 
@@ -277,7 +248,7 @@ class WdsLoader:
 
     Yields the batch dicts with ``"step"`` (batches handed out so far; an empty trailing
     ``{"samples": []}`` that only carries skip counts is absorbed), up to ``max_steps`` batches.
-    ``state_dict()`` -> ``{"kind": "wds", "raw": {stream: n}, "batches": n, ...}``;
+    ``state_dict()`` -> ``{"kind": "wds", "raw": {stream: n}, "streams": {stream: position}, "batches": n, ...}``;
     ``load_state_dict`` before iterating resumes without replaying or skipping samples (same seed,
     world size and ``num_workers`` required; checked).
     """
@@ -285,6 +256,7 @@ class WdsLoader:
     def __init__(self, stream: WdsStream, num_workers: int = 0, max_steps: int | None = None, **loader_kw: Any) -> None:
         self.stream, self.num_workers, self.max_steps, self.loader_kw = stream, num_workers, max_steps, loader_kw
         self.raw: dict[int, int] = {}
+        self.positions: dict[int, dict[str, Any]] = {}
         self.batches = 0
         self.skips = SkipCounter()
 
@@ -292,6 +264,7 @@ class WdsLoader:
         nw = max(1, self.num_workers)
         self.stream.check_split(nw)  # fail here, not inside a worker
         self.stream.start = dict(self.raw)
+        self.stream.resume = dict(self.positions)
         self.stream.rotation = self.batches % nw
         loader = torch.utils.data.DataLoader(
             self.stream, batch_size=None, num_workers=self.num_workers, collate_fn=_identity, **self.loader_kw
@@ -303,6 +276,7 @@ class WdsLoader:
             self.skips.merge(batch["skips"])
             pos = batch["position"]
             self.raw[pos["stream"]] = pos["raw"]
+            self.positions[pos["stream"]] = {k: v for k, v in pos.items() if k != "stream"}
             if "samples" in batch and not batch["samples"]:
                 continue
             batch["step"] = self.batches
@@ -316,6 +290,7 @@ class WdsLoader:
         return {
             "kind": "wds",
             "raw": {str(k): v for k, v in self.raw.items()},
+            "streams": {str(k): v for k, v in self.positions.items()},
             "batches": self.batches,
             "seed": s.seed,
             "world_size": s.world_size,
@@ -335,23 +310,10 @@ class WdsLoader:
                     "data position", "resume_mismatch", f"{key} is {state.get(key)!r} in the checkpoint, {mine!r} now"
                 )
         self.raw = {int(k): int(v) for k, v in state["raw"].items()}
+        # a position whose raw count was changed by hand (or is missing) is not the one that was saved
+        streams = {int(k): v for k, v in (state.get("streams") or {}).items()}
+        self.positions = {k: v for k, v in streams.items() if int(v.get("raw", -1)) == self.raw.get(k)}
         self.batches = int(state["batches"])
-
-
-def _check_shard(shard: str, got: int, expected: int | None, error: Exception | None, counter: SkipCounter) -> None:
-    """Count one ``truncated_shard`` event (fatal in strict mode) for a shard read to its end that came up short.
-
-    A tar error is one sign. The other is the count in ``shards.json``: a cut at a 512-byte tar header
-    boundary reads like a clean end of the archive (Python's ``tarfile`` stops without an error on an
-    empty or partial header after the first member), so only the count shows the samples that are gone.
-    """
-    if error is not None:
-        of = f" of {expected}" if expected is not None else ""
-        counter.event(shard, "truncated_shard", f"unreadable shard data after {got}{of} samples: {error}")
-    elif expected is not None and got < expected:
-        counter.event(
-            shard, "truncated_shard", f"read {got} of {expected} samples ({INDEX_NAME}): the shard ends early"
-        )
 
 
 def _identity(x: Any) -> Any:
