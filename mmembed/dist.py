@@ -14,6 +14,7 @@ from __future__ import annotations
 import builtins
 from typing import Any, TypeVar
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -25,6 +26,8 @@ __all__ = [
     "barrier",
     "broadcast_object",
     "all_gather_object",
+    "all_gather_rows",
+    "shard_range",
     "init_from_env",
     "shutdown",
     "all_reduce_mean",
@@ -101,6 +104,32 @@ def all_gather_object(obj: T) -> list[T]:
     out: list[Any] = [None] * get_world_size()
     dist.all_gather_object(out, obj)
     return out
+
+
+def shard_range(n: int) -> tuple[int, int]:
+    """This rank's contiguous share ``[start, stop)`` of ``n`` items: ``ceil(n / world)`` each, the last ones shorter.
+
+    Rank order equals item order, so concatenating the shares in rank order (:func:`all_gather_rows`) restores it.
+    """
+    world, rank = get_world_size(), get_rank()
+    share = -(-n // world)
+    return min(n, rank * share), min(n, (rank + 1) * share)
+
+
+def all_gather_rows(arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Every rank's per-row arrays concatenated along axis 0 in rank order, on every rank.
+
+    Args:
+        arrays: ``{name: (n_r, ...)}`` on rank ``r`` (the same names everywhere; ``n_r`` may differ and be 0).
+
+    Returns:
+        ``{name: (sum_r n_r, ...)}``; without a process group (or with one rank) ``arrays`` itself.
+        Pickled in transit (:func:`all_gather_object`): meant for per-query results, not embeddings of a corpus.
+    """
+    if not is_distributed() or get_world_size() == 1:
+        return arrays
+    parts = all_gather_object(arrays)
+    return {k: np.concatenate([p[k] for p in parts]) for k in arrays}
 
 
 def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:

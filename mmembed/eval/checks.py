@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from mmembed.data.formats import EvalExample
-from mmembed.eval.embed import Plan
+from mmembed.eval.plan import Plan
 
 __all__ = ["MissingImages", "count_missing", "check_missing", "check_unreadable", "first_missing_path"]
 
@@ -108,7 +108,7 @@ def check_unreadable(name: str, plan: Plan) -> None:
     if plan.unreadable_rows is None or not plan.unreadable_rows.any():
         return
     side_img = np.array([bool(s.images) for s in plan.sides], dtype=bool)
-    rows_img = side_img[plan.query_idx] | np.array([side_img[c].any() for c in plan.cand_idx], dtype=bool)
+    rows_img = plan.rows_using(side_img)
     n_images = int(rows_img.sum())
     if n_images and bool(plan.missing_rows[rows_img].all()):
         n_bad = int(plan.unreadable_rows.sum())

@@ -3,6 +3,7 @@
 - **De-duplication.** Every query and candidate of a dataset is reduced to its content (instruction,
   text, image references); each distinct input is encoded once (VLM2Vec ``cand_name`` de-duplication,
   ``generate_cand_dataset``). Classification label sets shared by all queries cost one encode each.
+  The plan (the distinct inputs and the rows as int32 index arrays) lives in :mod:`mmembed.eval.plan`.
 - **Cache.** ``CACHE/<model fingerprint>/<dataset>-<data fingerprint>/part-*.npy`` + ``part-*.json``
   (row indices, dimension). Parts are written as they are encoded (array first, then its JSON, both
   renamed into place), so a run killed half-way leaves complete parts and a rerun encodes only the
@@ -16,106 +17,19 @@
 
 from __future__ import annotations
 
-import hashlib
-import os
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
 from mmembed import dist
 from mmembed.data.dataset import decode_side
-from mmembed.data.formats import EvalExample
 from mmembed.data.sample import Side
 from mmembed.data.skips import BadSample
 from mmembed.eval.cache import EmbeddingCache, dir_fingerprint, model_fingerprint
+from mmembed.eval.plan import Plan, plan_dataset, side_key
 
 __all__ = ["side_key", "Plan", "plan_dataset", "EmbeddingCache", "encode_plan", "dir_fingerprint", "model_fingerprint"]
-
-
-def side_key(side: Side) -> tuple:
-    """Content identity of an input: instruction, text and image references."""
-    imgs = tuple(_image_id(i) for i in side.images)
-    return (side.instruction or "", side.text or "", imgs)
-
-
-def _image_id(im: Any) -> str:
-    if isinstance(im, (str, os.PathLike)):
-        return str(im)
-    if isinstance(im, (bytes, bytearray)):
-        return "bytes:" + hashlib.blake2b(bytes(im), digest_size=12).hexdigest()
-    return "array:" + hashlib.blake2b(np.asarray(im).tobytes(), digest_size=12).hexdigest()
-
-
-@dataclass
-class Plan:
-    """The unique inputs of one dataset and how each example refers to them.
-
-    Attributes:
-        sides: the U distinct inputs, in first-seen order (query of row 0, its candidates, row 1, ...).
-        query_idx: (N,) index into ``sides`` of each row's query.
-        cand_idx: per row, the indices into ``sides`` of its candidates (positive at ``ex.positive``).
-        missing: (U,) True where the input has a missing image file: never encoded.
-        missing_rows: (N,) True where the row's query or any candidate has a missing (or, once encoded,
-            unreadable) image.
-        fingerprint: hash of the ordered inputs (changes with the file, instructions or placeholder).
-    """
-
-    name: str
-    sides: list[Side]
-    query_idx: np.ndarray
-    cand_idx: list[np.ndarray]
-    missing: np.ndarray
-    missing_rows: np.ndarray
-    fingerprint: str
-    examples: Sequence[EvalExample] = field(default_factory=list)
-    unreadable_rows: np.ndarray | None = None  # set by encode_plan: rows whose image could not be decoded
-    unreadable_example: str = ""  # the first of them, "file:line: image ...: reason"
-
-
-def plan_dataset(name: str, examples: Sequence[EvalExample]) -> Plan:
-    """De-duplicate the inputs of ``examples``; raises ValueError naming the dataset and row on bad rows."""
-    if not examples:
-        raise ValueError(f"eval set '{name}' is empty")
-    keys: dict[tuple, int] = {}
-    sides: list[Side] = []
-    missing: list[bool] = []
-    h = hashlib.blake2b(digest_size=16)
-
-    def index(side: Side, is_missing: bool) -> int:
-        k = side_key(side)
-        if k not in keys:
-            keys[k] = len(sides)
-            sides.append(side)
-            missing.append(False)
-            h.update(repr(k).encode())
-        i = keys[k]
-        missing[i] = missing[i] or is_missing
-        return i
-
-    q_idx, c_idx, miss_rows = [], [], []
-    for row, ex in enumerate(examples):
-        where = f"eval set '{name}', row {row}" + (f" ({ex.source})" if ex.source else "")
-        if not ex.candidates:
-            raise ValueError(f"{where}: empty candidate list")
-        if not 0 <= ex.positive < len(ex.candidates):
-            raise ValueError(f"{where}: positive index {ex.positive} out of range for {len(ex.candidates)} candidates")
-        marks = set(ex.meta.get("missing_images") or ())
-        q_idx.append(index(ex.query, "query" in marks))
-        c_idx.append(np.array([index(c, f"candidate {j}" in marks) for j, c in enumerate(ex.candidates)]))
-        h.update(f"|{q_idx[-1]}:{','.join(map(str, c_idx[-1]))}:{ex.positive}".encode())
-        miss_rows.append(bool(marks))
-    return Plan(
-        name=name,
-        sides=sides,
-        query_idx=np.array(q_idx),
-        cand_idx=c_idx,
-        missing=np.array(missing, dtype=bool),
-        missing_rows=np.array(miss_rows, dtype=bool),
-        fingerprint=h.hexdigest(),
-        examples=examples,
-    )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -321,10 +235,10 @@ def _mark_unreadable(plan: Plan, unreadable: dict[int, str]) -> None:
     bad = np.zeros(len(plan.sides), dtype=bool)
     bad[list(unreadable)] = True
     plan.missing |= bad
-    rows = bad[plan.query_idx] | np.array([bad[c].any() for c in plan.cand_idx])
+    rows = plan.rows_using(bad)
     plan.unreadable_rows = rows & ~plan.missing_rows
     plan.missing_rows = plan.missing_rows | rows
     first_row = int(np.nonzero(rows)[0][0])
     src = plan.examples[first_row].source or f"row {first_row + 1}"
-    first_side = int(next(i for i in (plan.query_idx[first_row], *plan.cand_idx[first_row]) if bad[i]))
+    first_side = int(next(i for i in (plan.query_idx[first_row], *plan.row_cands(first_row)) if bad[i]))
     plan.unreadable_example = f"{src}: {unreadable[first_side]}"

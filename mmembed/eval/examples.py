@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from mmembed.eval.checks import missing_paths
-from mmembed.eval.embed import Plan
+from mmembed.eval.plan import Plan
 
 __all__ = ["margin_of", "select_rows", "example_view", "Confusion", "TOP"]
 
@@ -108,9 +108,15 @@ class Confusion:
 
     def add(self, row: int, predicted: int) -> None:
         """Row ``row`` (a miss) ranked its candidate ``predicted`` first."""
-        ci = self.plan.cand_idx[row]
-        self.pairs[(int(ci[self.plan.examples[row].positive]), int(ci[predicted]))] += 1
-        self.misses += 1
+        self.add_rows(np.array([row]), np.array([predicted]))
+
+    def add_rows(self, rows: np.ndarray, predicted: np.ndarray) -> None:
+        """Rows ``rows`` (n,) (misses, in row order) ranked their candidates ``predicted`` (n,) first."""
+        start = self.plan.cand_offsets[rows]
+        true = self.plan.cand_flat[start + self.plan.positive[rows]]
+        pred = self.plan.cand_flat[start + predicted]
+        self.pairs.update(zip(true.tolist(), pred.tolist()))
+        self.misses += int(rows.size)
 
     def top(self, n: int = 10) -> list[dict[str, Any]]:
         """The ``n`` most frequent confusions: ``[{"true", "predicted", "count"}]`` with the labels' texts."""

@@ -55,6 +55,7 @@ __all__ = [
     "ndcg_at_k",
     "ranking_metrics",
     "stable_ranks",
+    "tied_reciprocal_rank",
     "official_metrics",
     "official_headline",
     "TIE_TOL",
@@ -166,11 +167,19 @@ def mrr(scores: np.ndarray, relevant: int | Sequence[int] = 0, tol: float = TIE_
     for g in tie_groups(scores, tol):
         m, r = len(g), int(gains[g].sum())
         if r:
-            # P(first relevant at offset j of the group) = C(m - j - 1, r - 1) / C(m, r)
-            total = math.comb(m, r)
-            return float(sum(math.comb(m - j - 1, r - 1) / total / (start + j + 1) for j in range(m - r + 1)))
+            return tied_reciprocal_rank(start, m, r)
         start += m
     return 0.0
+
+
+def tied_reciprocal_rank(start: int, m: int, r: int) -> float:
+    """Expected ``1 / rank`` of the first relevant of ``r`` relevant candidates in a tie group of ``m`` after ``start``.
+
+    P(first relevant at offset j of the group) = C(m - j - 1, r - 1) / C(m, r). Shared by :func:`mrr` and the
+    vectorized path (:mod:`mmembed.eval.batch_metrics`), so that both give the same float.
+    """
+    total = math.comb(m, r)
+    return float(sum(math.comb(m - j - 1, r - 1) / total / (start + j + 1) for j in range(m - r + 1)))
 
 
 def ndcg_at_k(

@@ -38,9 +38,9 @@ from mmembed import dist
 from mmembed.data.formats import EvalExample
 from mmembed.data.skips import BadSample
 from mmembed.eval.checks import check_missing, check_unreadable
-from mmembed.eval.embed import EmbeddingCache, Plan, encode_plan, plan_dataset, side_key
-from mmembed.eval.examples import Confusion, example_view, margin_of, select_rows
-from mmembed.eval.metrics import OFFICIAL_KS, TIE_TOL, hit_at_k, official_headline, official_metrics, ranking_metrics
+from mmembed.eval.embed import EmbeddingCache, encode_plan, plan_dataset, side_key
+from mmembed.eval.metrics import TIE_TOL, hit_at_k, official_headline
+from mmembed.eval.scoring import score_plan
 from mmembed.eval.tasks import META_TASKS, task_info
 from mmembed.images import ImageError
 from mmembed.progress import Progress
@@ -56,116 +56,6 @@ def hit_at_1(scores: np.ndarray, positive: int = 0, tol: float = TIE_TOL) -> flo
     ``TIE_TOL`` tie), so this function and ``evaluate``'s ``hit@1`` never disagree.
     """
     return hit_at_k(scores, positive, 1, tol)
-
-
-def score_plan(
-    plan: Plan,
-    emb: np.ndarray,
-    *,
-    ks: Sequence[int] = (1, 5, 10),
-    corpus: bool = False,
-    n_examples: int = 0,
-    confusion: bool = False,
-    tol: float = TIE_TOL,
-    official: str = "official_hit@1",
-) -> dict[str, Any]:
-    """Metrics of one dataset from the embeddings of its unique inputs.
-
-    Args:
-        plan: from :func:`plan_dataset`.
-        emb: (U, D) embeddings of ``plan.sides`` (dot product = similarity, as ``np.dot`` in VLM2Vec).
-        ks: cut-offs for hit@k, recall@k and ndcg@k.
-        corpus: also rank every query against all distinct candidates of the dataset.
-        n_examples: keep the top-5 ranking of ``n_examples`` rows for ``examples.html``: the worst misses and
-            the near-ties (:func:`mmembed.eval.examples.select_rows`, by the positive's margin over the best
-            negative), then rows not scored because of a missing image.
-        confusion: count true -> predicted label over the misses (``"confusion"``: the 10 most frequent).
-        official: the official key reported as ``"official"`` (:func:`mmembed.eval.metrics.official_headline`).
-
-    Returns:
-        ``{"hit@1", "n", "missing_images", "chance", "num_candidates", "hit@k", "recall@k", "mrr",
-        "ndcg@k", "official_{hit,recall,mrr,ndcg}@k", "official", "official_metric", "corpus"?: {...},
-        "examples"?: [...], "confusion"?: [...], "misses"?: int}`` (official cut-offs: ``ks`` and 1, 5, 10).
-    """
-    keys = list(ks) if 1 in ks else [1, *ks]
-    oks = _official_ks(ks, official)
-    per: dict[str, list[float]] = {}
-    chance, sizes = [], []
-    margins = np.full(len(plan.examples), np.nan)
-    conf = Confusion(plan) if confusion else None
-    for row, (qi, ci) in enumerate(zip(plan.query_idx, plan.cand_idx)):
-        ex = plan.examples[row]
-        sizes.append(len(ci))
-        chance.append(1.0 / len(ci))
-        if plan.missing_rows[row]:
-            m = dict.fromkeys([*ranking_metrics(np.zeros(1), 0, keys), *official_metrics(np.zeros(1), 0, oks)], 0.0)
-        else:
-            scores = emb[ci].astype(np.float64) @ emb[qi].astype(np.float64)
-            m = ranking_metrics(scores, ex.positive, keys, tol)
-            margins[row], best_neg = margin_of(scores, ex.positive)
-            if conf is not None and m["hit@1"] == 0.0:
-                conf.add(row, best_neg)
-            m.update(official_metrics(scores, ex.positive, oks))
-        for k, v in m.items():
-            per.setdefault(k, []).append(v)
-    out: dict[str, Any] = {
-        "hit@1": float(np.mean(per["hit@1"])),
-        "n": len(plan.examples),
-        "missing_images": int(plan.missing_rows.sum()),
-        "unreadable_images": 0 if plan.unreadable_rows is None else int(plan.unreadable_rows.sum()),
-        "chance": float(np.mean(chance)),
-        "num_candidates": float(np.mean(sizes)),
-    }
-    out.update({k: float(np.mean(v)) for k, v in per.items() if k != "hit@1"})
-    out["official"], out["official_metric"] = out[official], official
-    if corpus:
-        out["corpus"] = _score_corpus(plan, emb, keys, tol, official)
-    if n_examples:
-        out["examples"] = [_view(plan, emb, int(r), keys, tol, margins[r]) for r in select_rows(margins, n_examples)]
-    if conf is not None:
-        out["confusion"] = conf.top(10)
-        out["misses"] = conf.misses
-    return out
-
-
-def _view(plan: Plan, emb: np.ndarray, row: int, keys: Sequence[int], tol: float, margin: float) -> dict[str, Any]:
-    """The example view of one selected row (its scores computed again: only the margins of all rows are kept)."""
-    ex = plan.examples[row]
-    if plan.missing_rows[row]:
-        return example_view(plan, row, None, {"hit@1": 0.0}, None)
-    scores = emb[plan.cand_idx[row]].astype(np.float64) @ emb[plan.query_idx[row]].astype(np.float64)
-    return example_view(plan, row, scores, ranking_metrics(scores, ex.positive, keys, tol), margin)
-
-
-def _official_ks(ks: Sequence[int], official: str) -> list[int]:
-    """Official cut-offs: ``ks``, VLM2Vec's 1, 5, 10 and the headline's own."""
-    return sorted({*ks, *OFFICIAL_KS, int(official.rsplit("@", 1)[1])})
-
-
-def _score_corpus(plan: Plan, emb: np.ndarray, ks: Sequence[int], tol: float, official: str) -> dict[str, Any]:
-    """Every query against all distinct candidates; official ties break by first appearance in the candidate lists
-    (the order of VLM2Vec's candidate dict in ``eval_type: global``)."""
-    corpus = np.unique(np.concatenate(plan.cand_idx))  # side indices number inputs in order of first appearance
-    oks = _official_ks(ks, official)
-    pos_in = {int(c): i for i, c in enumerate(corpus)}
-    c_emb = emb[corpus].astype(np.float64)
-    per: dict[str, list[float]] = {}
-    for row, qi in enumerate(plan.query_idx):
-        ex = plan.examples[row]
-        if plan.missing_rows[row]:
-            m = dict.fromkeys([*ranking_metrics(np.zeros(1), 0, ks), *official_metrics(np.zeros(1), 0, oks)], 0.0)
-        else:
-            scores = c_emb @ emb[qi].astype(np.float64)
-            scores[plan.missing[corpus]] = -np.inf
-            pos = pos_in[int(plan.cand_idx[row][ex.positive])]
-            m = ranking_metrics(scores, pos, ks, tol)
-            m.update(official_metrics(scores, pos, oks))
-        for k, v in m.items():
-            per.setdefault(k, []).append(v)
-    out: dict[str, Any] = {k: float(np.mean(v)) for k, v in per.items()}
-    out["official"], out["official_metric"] = out[official], official
-    out["corpus_size"] = int(corpus.size)
-    return out
 
 
 def aggregate(datasets: dict[str, dict[str, Any]], metric: str = "hit@1") -> dict[str, Any]:
