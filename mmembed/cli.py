@@ -1,4 +1,5 @@
-"""The ``mmembed`` command: ``encode``, ``train``, ``validate``, ``components``, ``eval``, ``compare``.
+"""The ``mmembed`` command: ``encode``, ``train``, ``validate``, ``components``, ``eval``, ``compare``, ``serve``,
+``index build`` / ``index search``.
 
 A bad recipe or bad input is reported in one line naming the key, or the file and its 1-based line, with exit
 code 2 and no traceback. ``mmembed COMMAND --help`` lists every option with its default.
@@ -23,6 +24,8 @@ from mmembed.eval import run_eval
 from mmembed.images import ImageError
 from mmembed.io import ModelDirError
 from mmembed.progress import Progress
+from mmembed.export import cli as export_cli
+from mmembed.serve import cli as serve_cli
 from mmembed.types import InputError
 
 __all__ = ["main", "build_parser", "read_rows", "read_encode_rows", "EncodeRows"]
@@ -350,6 +353,67 @@ def _compare(args: argparse.Namespace) -> int:
     return eval_compare.run(args)
 
 
+def _index_build(args: argparse.Namespace) -> int:
+    """Encode (or read) the rows of an encode JSONL and write an :mod:`mmembed.index` folder."""
+    import numpy as np
+
+    from mmembed.eval import dir_fingerprint
+    from mmembed.index import build_index
+
+    rows = read_encode_rows(args.input)
+    if args.embeddings:
+        emb = np.load(args.embeddings, allow_pickle=False)
+        if emb.ndim != 2 or emb.shape[0] != len(rows):
+            raise UsageError(f"{args.embeddings}: {emb.shape[0] if emb.ndim else 0} embeddings for {len(rows)} rows")
+    else:
+        model = mmembed.load(args.model_dir, device=args.device, trust_remote_code=args.trust_remote_code)
+        prompts = dict(getattr(model.cfg, "prompts", {}) or {})
+        instructions = [i if i is not None else args.instruction for i in rows.instructions]
+        instructions = [prompts.get(i, i) if i is not None else None for i in instructions]
+        try:
+            emb = model.encode(
+                texts=rows.texts, images=rows.images, instruction=instructions, batch_size=args.batch_size
+            )
+        except (InputError, ImageError) as err:
+            raise _locate(err, rows, 0) from None
+    records = [
+        {"id": i, "text": t, "image": im, "instruction": s}
+        for i, t, im, s in zip(rows.ids, rows.texts, rows.images, rows.instructions)
+    ]
+    meta = {"model": str(Path(args.model_dir).resolve()), "model_fingerprint": dir_fingerprint(args.model_dir)}
+    try:
+        build_index(np.asarray(emb), records, args.index, kind=args.kind, meta=meta, overwrite=args.overwrite)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    print(f"indexed {len(records)} rows ({emb.shape[1]} dims, {args.kind}) into {args.index}", file=sys.stderr)
+    return 0
+
+
+def _index_search(args: argparse.Namespace) -> int:
+    """The top ``k`` rows of an index for one text and/or image query."""
+    from mmembed.eval import load_eval_model
+    from mmembed.index import open_index
+
+    if args.text is None and args.image is None:
+        raise UsageError("give --text, --image or both")
+    with open_index(args.index_dir) as index:
+        spec = args.model or index.meta.get("model")
+        if not spec:
+            raise UsageError(f"{args.index_dir}: the index names no model; pass --model MODEL_DIR")
+        model, _ = load_eval_model(spec, device=args.device, trust_remote_code=args.trust_remote_code)
+        dim = index.dim if index.dim < model.embed_dim else None
+        q = model.encode(texts=[args.text], images=[args.image], instruction=args.instruction, truncate_dim=dim)
+        hits = index.search(q, args.k)[0]
+    for hit in hits:
+        if args.json:
+            print(json.dumps(hit, ensure_ascii=False))
+        else:
+            image = hit.get("image")
+            what = " ".join(x for x in (hit.get("text") or "", f"[{image}]" if image else "") if x)
+            print(f"{hit['rank']:3d}  {hit['score']:+.4f}  {hit.get('id')}  {what}")
+    return 0
+
+
 _ENCODE_EPILOG = """\
 input rows (one JSON object per line; blank lines are skipped):
   {"id": "q1", "text": "a red circle", "instruction": "query"}
@@ -443,6 +507,46 @@ def build_parser() -> argparse.ArgumentParser:
     cmp = command("compare", "several evaluations (scores.json, eval dirs, training runs) side by side")
     eval_compare.add_arguments(cmp)
     cmp.set_defaults(func=_compare)
+
+    x = command("export", export_cli.DESCRIPTION)
+    export_cli.add_arguments(x)
+    x.set_defaults(func=export_cli.run)
+
+    srv = command("serve", "an OpenAI-compatible embedding server (docs/serve.md)", epilog=serve_cli.EPILOG)
+    serve_cli.add_arguments(srv)
+    srv.set_defaults(func=serve_cli.run)
+
+    ix = command("index", "FAISS index folders over encoded rows (mmembed.index): build, search")
+    ix_sub = ix.add_subparsers(dest="index_command", required=True, metavar="ACTION", help="build or search")
+    ib = ix_sub.add_parser(
+        "build", help="encode JSONL rows into an index folder", description="encode JSONL rows into an index folder",
+        formatter_class=_HelpFormatter,
+    )  # fmt: skip
+    ib.add_argument("model_dir", help="the saved model directory the rows are encoded with (and queries, later)")
+    ib.add_argument("--input", required=True, help="JSONL rows, as for mmembed encode (text, image, instruction, id)")
+    ib.add_argument("--index", required=True, help="the index folder to write")
+    ib.add_argument("--embeddings", default=None, help="X.npy of `mmembed encode` for these rows (skips encoding)")
+    ib.add_argument("--kind", choices=("flat", "hnsw", "ivfpq"), default="flat", help="flat: exact; others approximate")
+    ib.add_argument("--instruction", default=None, help="instruction for rows that have none (default: none)")
+    ib.add_argument("--batch-size", type=_positive_int, default=32, help="rows per forward pass")
+    ib.add_argument("--overwrite", action="store_true", help="replace an existing index folder")
+    ib.add_argument("--device", default=None, help=_DEVICE_HELP)
+    ib.add_argument("--trust-remote-code", action="store_true", help=_TRUST_HELP)
+    ib.set_defaults(func=_index_build)
+    iq = ix_sub.add_parser(
+        "search", help="top-k rows for a text and/or image query", description="top-k rows for a text and/or image "
+        "query", formatter_class=_HelpFormatter,
+    )  # fmt: skip
+    iq.add_argument("index_dir", help="an index folder (mmembed index build)")
+    iq.add_argument("--text", default=None, help="query text")
+    iq.add_argument("--image", default=None, help="query image path")
+    iq.add_argument("--instruction", default=None, help="query instruction or saved prompt name (default: none)")
+    iq.add_argument("-k", type=_positive_int, default=5, help="rows to return")
+    iq.add_argument("--model", default=None, help="model directory (default: the one the index was built with)")
+    iq.add_argument("--json", action="store_true", help="one JSON object per hit")
+    iq.add_argument("--device", default=None, help=_DEVICE_HELP)
+    iq.add_argument("--trust-remote-code", action="store_true", help=_TRUST_HELP)
+    iq.set_defaults(func=_index_search)
     return p
 
 
