@@ -23,6 +23,8 @@ def tiny_hf(family: str, seed: int = 0):
     from mmembed.backbones.llava import TINY_LLAVA_CONFIG, TINY_LLAVA_NEXT_CONFIG, build_tiny_llava_processor
     from mmembed.backbones.qwen2_vl import TINY_QWEN2VL_CONFIG, TINY_QWEN25VL_CONFIG, build_tiny_qwen2vl_processor
 
+    if family in EXTRA_FAMILIES:
+        return EXTRA_FAMILIES[family](seed)
     cfg, cls_name = {
         "qwen2_vl": (TINY_QWEN2VL_CONFIG, "Qwen2VLForConditionalGeneration"),
         "qwen2_5_vl": (TINY_QWEN25VL_CONFIG, "Qwen2_5_VLForConditionalGeneration"),
@@ -38,6 +40,41 @@ def tiny_hf(family: str, seed: int = 0):
         return model, proc, "qwen2_vl"
     pins = cfg.get("image_grid_pinpoints")
     return model, build_tiny_llava_processor(pinpoints=pins), "llava"
+
+
+def tiny_qwen3vl(seed: int = 0):
+    """A tiny random-init ``Qwen3VLForConditionalGeneration`` (``TINY_QWEN3VL_CONFIG``: hidden 64, 2 LLM layers,
+    3-layer ViT with DeepStack mergers on ViT layers 0 and 1, interleaved M-RoPE sections [6, 5, 5] of head_dim 32)
+    and its offline ``Qwen3VLProcessor`` (tiny tokenizer + the Qwen vision tokens 400-403, 16 px patches)."""
+    import transformers
+
+    from mmembed.backbones.qwen3_vl import TINY_QWEN3VL_CONFIG, build_tiny_qwen3vl_processor
+
+    args = {k: v for k, v in TINY_QWEN3VL_CONFIG.items() if k != "model_type"}
+    cls = transformers.Qwen3VLForConditionalGeneration
+    torch.manual_seed(seed)
+    model = cls._from_config(cls.config_class(**args), attn_implementation="sdpa").eval()
+    return model, build_tiny_qwen3vl_processor(), "qwen3_vl"
+
+
+def tiny_llava_onevision(seed: int = 0):
+    """A tiny random-init ``LlavaOnevisionForConditionalGeneration`` (``TINY_LLAVA_ONEVISION_CONFIG``: SigLIP 32 px
+    tiles of 16 tokens, any-res up to 2x2 tiles shrunk by ``anyres_max_1``, ``image_newline``, 2-layer Qwen2) and its
+    offline ``LlavaOnevisionProcessor``."""
+    import transformers
+
+    from mmembed.backbones.llava_onevision import TINY_LLAVA_ONEVISION_CONFIG, build_tiny_llava_onevision_processor
+
+    args = {k: v for k, v in TINY_LLAVA_ONEVISION_CONFIG.items() if k != "model_type"}
+    cls = transformers.LlavaOnevisionForConditionalGeneration
+    torch.manual_seed(seed)
+    model = cls._from_config(cls.config_class(**args), attn_implementation="sdpa").eval()
+    proc = build_tiny_llava_onevision_processor(pinpoints=args["image_grid_pinpoints"])
+    return model, proc, "llava_onevision"
+
+
+#: families outside ``FAMILIES`` (their own tests): family -> builder(seed) -> (HF model, processor, backbone type)
+EXTRA_FAMILIES = {"qwen3_vl": tiny_qwen3vl, "llava_onevision": tiny_llava_onevision}
 
 
 def hf_checkpoint_factory(tmp_path_factory):

@@ -206,8 +206,13 @@ class NativeVLM(Backbone):
             enc = self.hf_processor.image_processor(images=[Image.new("RGB", (64, 64))], return_tensors="pt")
             self._blank = {k: v for k, v in enc.items() if k in ("pixel_values", "image_grid_thw", "image_sizes")}
         device = next(self.base_model().parameters()).device
-        feats = self.image_features({k: v.to(device) for k, v in self._blank.items()}, connector)
+        feats = self.blank_features({k: v.to(device) for k, v in self._blank.items()}, connector)
         return sum(f.sum() for f in feats)
+
+    def blank_features(self, batch: dict[str, torch.Tensor], connector: nn.Module | None) -> list[torch.Tensor]:
+        """Every output of the visual path on ``batch`` that :meth:`blank_visual` sums: the per-image (N_k, d)
+        tokens, and in a subclass any other visual output the LLM reads (Qwen3-VL's DeepStack features)."""
+        return self.image_features(batch, connector)
 
     def forward(
         self,
