@@ -16,8 +16,21 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from mmembed.images import ImageError
+from mmembed.video import VIDEO_ERROR_KINDS, VideoError
 
-__all__ = ["DataError", "BadSample", "SkipCounter", "image_reason", "error_marker", "raise_marker"]
+__all__ = [
+    "DataError",
+    "BadSample",
+    "SkipCounter",
+    "image_reason",
+    "video_reason",
+    "VIDEO_REASONS",
+    "error_marker",
+    "raise_marker",
+]
+
+#: skip categories of bad videos, one per :data:`mmembed.video.VIDEO_ERROR_KINDS` (``video_missing``, ...)
+VIDEO_REASONS = tuple(f"video_{k}" for k in VIDEO_ERROR_KINDS)
 
 
 class DataError(ValueError):
@@ -71,6 +84,11 @@ def image_reason(err: ImageError) -> str:
     if "not a recognised" in r:
         return "image_not_an_image"
     return "image_corrupt"
+
+
+def video_reason(err: VideoError) -> str:
+    """Map a :class:`~mmembed.video.VideoError` from ``load_video`` to a skip category (``video_<kind>``)."""
+    return f"video_{err.kind}"
 
 
 @dataclass
