@@ -10,21 +10,20 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import sys
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import mmembed
-from mmembed import dist
+from mmembed import dist, index_cli
+from mmembed.cli_rows import EncodeRows, UsageError, _locate, read_encode_rows, read_rows
 from mmembed.config import ConfigError, load_recipe, to_dict
 from mmembed.eval import compare as eval_compare
 from mmembed.eval import run_eval
+from mmembed.export import cli as export_cli
 from mmembed.images import ImageError
 from mmembed.io import ModelDirError
 from mmembed.progress import Progress
-from mmembed.export import cli as export_cli
 from mmembed.serve import cli as serve_cli
 from mmembed.types import InputError
 
@@ -33,14 +32,9 @@ __all__ = ["main", "build_parser", "read_rows", "read_encode_rows", "EncodeRows"
 
 _TRUST_HELP = "let transformers run Python code shipped with the model directory (off: a directory never opts in)"
 _DEVICE_HELP = "torch device for the model, e.g. cuda, cuda:1 (default: cpu)"
-_ROW_FIELDS = ("text", "image", "instruction", "id")
 _OUTPUT_SUFFIXES = (".npy", ".parquet")
 #: model.encode calls per chunk of the CLI's progress: rows of ``8 * batch_size`` between two updates
 _BATCHES_PER_CHUNK = 8
-
-
-class UsageError(ValueError):
-    """Bad command-line input: printed without a traceback, exit code 2."""
 
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
@@ -77,118 +71,6 @@ def _positive_int(text: str) -> int:
 
 # ----------------------------------------------------------------------------------------------
 # encode
-
-
-@dataclass
-class EncodeRows:
-    """The rows of an ``mmembed encode`` JSONL, aligned lists (one item per non-blank line).
-
-    ``images`` items are ``None``, one path, or a list of paths (several images in one input), resolved against
-    the file's folder; ``ids`` are the rows' ``id`` values (default: the 1-based line number); ``lines`` the
-    1-based line of each row, for error messages.
-    """
-
-    path: Path
-    texts: list[str | None] = field(default_factory=list)
-    images: list[str | list[str] | None] = field(default_factory=list)
-    instructions: list[str | None] = field(default_factory=list)
-    ids: list[Any] = field(default_factory=list)
-    lines: list[int] = field(default_factory=list)
-
-    def __len__(self) -> int:
-        return len(self.texts)
-
-    def where(self, i: int) -> str:
-        """``file:LINE`` of row ``i`` (0-based index into the lists)."""
-        return f"{self.path}:{self.lines[i]}"
-
-
-def _image_field(value: Any, where: str, folder: Path) -> str | list[str] | None:
-    """``image``: a path or a list of paths; relative paths resolve against ``folder``."""
-
-    def resolve(p: str) -> str:
-        return p if Path(p).is_absolute() else str(folder / p)
-
-    if value is None or isinstance(value, str):
-        return None if value is None else resolve(value)
-    if isinstance(value, list):
-        for j, item in enumerate(value):
-            if not isinstance(item, str):
-                raise UsageError(f"{where}: field 'image[{j}]' must be a string path, got {type(item).__name__}")
-        return [resolve(p) for p in value] or None
-    raise UsageError(f"{where}: field 'image' must be a string or a list of strings, got {type(value).__name__}")
-
-
-def read_encode_rows(path: str | Path) -> EncodeRows:
-    """Read a JSONL of ``{"text", "image", "instruction", "id"}`` rows (all optional, ``text`` or ``image`` needed).
-
-    ``image`` is a path or a list of paths, relative to the file's folder; ``id`` any JSON scalar (default: the
-    row's 1-based line number), unique in the file. Blank lines are skipped but counted.
-
-    Raises:
-        UsageError: naming ``file:LINE`` (1-based) and what is wrong.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise UsageError(f"{path}: input file not found")
-    rows = EncodeRows(path)
-    seen: dict[str, int] = {}
-    with path.open(encoding="utf-8") as f:
-        for n, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            where = f"{path}:{n}"
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise UsageError(f"{where}: invalid JSON ({e.msg})") from None
-            if not isinstance(row, dict):
-                raise UsageError(f"{where}: expected a JSON object with 'text' and/or 'image'")
-            unknown = set(row) - set(_ROW_FIELDS)
-            if unknown:
-                raise UsageError(f"{where}: unknown field(s) {sorted(unknown)}; allowed: {', '.join(_ROW_FIELDS)}")
-            text, instr = row.get("text"), row.get("instruction")
-            for key, value in (("text", text), ("instruction", instr)):
-                if value is not None and not isinstance(value, str):
-                    raise UsageError(f"{where}: field '{key}' must be a string, got {type(value).__name__}")
-            image = _image_field(row.get("image"), where, path.parent)
-            if text is None and image is None:
-                raise UsageError(f"{where}: a row needs 'text' or 'image'")
-            row_id = row.get("id")
-            if row_id is None:
-                row_id = n
-            elif not isinstance(row_id, (str, int, float, bool)):
-                raise UsageError(
-                    f"{where}: field 'id' must be a JSON scalar (string, number), got {type(row_id).__name__}"
-                )
-            key = json.dumps(row_id)
-            if key in seen:
-                raise UsageError(f"{where}: duplicate id {key} (also on line {seen[key]})")
-            seen[key] = n
-            rows.texts.append(text)
-            rows.images.append(image)
-            rows.instructions.append(instr)
-            rows.ids.append(row_id)
-            rows.lines.append(n)
-    return rows
-
-
-def read_rows(path: str | Path) -> tuple[list[str | None], list[Any], list[str | None]]:
-    """``(texts, images, instructions)`` of an encode JSONL (see :func:`read_encode_rows`, which also has ids)."""
-    rows = read_encode_rows(path)
-    return rows.texts, rows.images, rows.instructions
-
-
-_ROW_ERROR = re.compile(r"^row (\d+): (.*)$", re.DOTALL)
-
-
-def _locate(err: Exception, rows: EncodeRows, offset: int) -> UsageError:
-    """A model error naming ``row i`` of one encode call, renamed to ``file:LINE`` of the input."""
-    text = str(err)
-    m = _ROW_ERROR.match(text)
-    if m and 0 <= offset + int(m.group(1)) < len(rows):
-        return UsageError(f"{rows.where(offset + int(m.group(1)))}: {m.group(2)}")
-    return UsageError(f"{rows.path}: {text}")
 
 
 def _outputs(out: Path) -> list[Path]:
@@ -353,67 +235,6 @@ def _compare(args: argparse.Namespace) -> int:
     return eval_compare.run(args)
 
 
-def _index_build(args: argparse.Namespace) -> int:
-    """Encode (or read) the rows of an encode JSONL and write an :mod:`mmembed.index` folder."""
-    import numpy as np
-
-    from mmembed.eval import dir_fingerprint
-    from mmembed.index import build_index
-
-    rows = read_encode_rows(args.input)
-    if args.embeddings:
-        emb = np.load(args.embeddings, allow_pickle=False)
-        if emb.ndim != 2 or emb.shape[0] != len(rows):
-            raise UsageError(f"{args.embeddings}: {emb.shape[0] if emb.ndim else 0} embeddings for {len(rows)} rows")
-    else:
-        model = mmembed.load(args.model_dir, device=args.device, trust_remote_code=args.trust_remote_code)
-        prompts = dict(getattr(model.cfg, "prompts", {}) or {})
-        instructions = [i if i is not None else args.instruction for i in rows.instructions]
-        instructions = [prompts.get(i, i) if i is not None else None for i in instructions]
-        try:
-            emb = model.encode(
-                texts=rows.texts, images=rows.images, instruction=instructions, batch_size=args.batch_size
-            )
-        except (InputError, ImageError) as err:
-            raise _locate(err, rows, 0) from None
-    records = [
-        {"id": i, "text": t, "image": im, "instruction": s}
-        for i, t, im, s in zip(rows.ids, rows.texts, rows.images, rows.instructions)
-    ]
-    meta = {"model": str(Path(args.model_dir).resolve()), "model_fingerprint": dir_fingerprint(args.model_dir)}
-    try:
-        build_index(np.asarray(emb), records, args.index, kind=args.kind, meta=meta, overwrite=args.overwrite)
-    except ValueError as e:
-        raise UsageError(str(e)) from None
-    print(f"indexed {len(records)} rows ({emb.shape[1]} dims, {args.kind}) into {args.index}", file=sys.stderr)
-    return 0
-
-
-def _index_search(args: argparse.Namespace) -> int:
-    """The top ``k`` rows of an index for one text and/or image query."""
-    from mmembed.eval import load_eval_model
-    from mmembed.index import open_index
-
-    if args.text is None and args.image is None:
-        raise UsageError("give --text, --image or both")
-    with open_index(args.index_dir) as index:
-        spec = args.model or index.meta.get("model")
-        if not spec:
-            raise UsageError(f"{args.index_dir}: the index names no model; pass --model MODEL_DIR")
-        model, _ = load_eval_model(spec, device=args.device, trust_remote_code=args.trust_remote_code)
-        dim = index.dim if index.dim < model.embed_dim else None
-        q = model.encode(texts=[args.text], images=[args.image], instruction=args.instruction, truncate_dim=dim)
-        hits = index.search(q, args.k)[0]
-    for hit in hits:
-        if args.json:
-            print(json.dumps(hit, ensure_ascii=False))
-        else:
-            image = hit.get("image")
-            what = " ".join(x for x in (hit.get("text") or "", f"[{image}]" if image else "") if x)
-            print(f"{hit['rank']:3d}  {hit['score']:+.4f}  {hit.get('id')}  {what}")
-    return 0
-
-
 _ENCODE_EPILOG = """\
 input rows (one JSON object per line; blank lines are skipped):
   {"id": "q1", "text": "a red circle", "instruction": "query"}
@@ -517,36 +338,8 @@ def build_parser() -> argparse.ArgumentParser:
     srv.set_defaults(func=serve_cli.run)
 
     ix = command("index", "FAISS index folders over encoded rows (mmembed.index): build, search")
-    ix_sub = ix.add_subparsers(dest="index_command", required=True, metavar="ACTION", help="build or search")
-    ib = ix_sub.add_parser(
-        "build", help="encode JSONL rows into an index folder", description="encode JSONL rows into an index folder",
-        formatter_class=_HelpFormatter,
-    )  # fmt: skip
-    ib.add_argument("model_dir", help="the saved model directory the rows are encoded with (and queries, later)")
-    ib.add_argument("--input", required=True, help="JSONL rows, as for mmembed encode (text, image, instruction, id)")
-    ib.add_argument("--index", required=True, help="the index folder to write")
-    ib.add_argument("--embeddings", default=None, help="X.npy of `mmembed encode` for these rows (skips encoding)")
-    ib.add_argument("--kind", choices=("flat", "hnsw", "ivfpq"), default="flat", help="flat: exact; others approximate")
-    ib.add_argument("--instruction", default=None, help="instruction for rows that have none (default: none)")
-    ib.add_argument("--batch-size", type=_positive_int, default=32, help="rows per forward pass")
-    ib.add_argument("--overwrite", action="store_true", help="replace an existing index folder")
-    ib.add_argument("--device", default=None, help=_DEVICE_HELP)
-    ib.add_argument("--trust-remote-code", action="store_true", help=_TRUST_HELP)
-    ib.set_defaults(func=_index_build)
-    iq = ix_sub.add_parser(
-        "search", help="top-k rows for a text and/or image query", description="top-k rows for a text and/or image "
-        "query", formatter_class=_HelpFormatter,
-    )  # fmt: skip
-    iq.add_argument("index_dir", help="an index folder (mmembed index build)")
-    iq.add_argument("--text", default=None, help="query text")
-    iq.add_argument("--image", default=None, help="query image path")
-    iq.add_argument("--instruction", default=None, help="query instruction or saved prompt name (default: none)")
-    iq.add_argument("-k", type=_positive_int, default=5, help="rows to return")
-    iq.add_argument("--model", default=None, help="model directory (default: the one the index was built with)")
-    iq.add_argument("--json", action="store_true", help="one JSON object per hit")
-    iq.add_argument("--device", default=None, help=_DEVICE_HELP)
-    iq.add_argument("--trust-remote-code", action="store_true", help=_TRUST_HELP)
-    iq.set_defaults(func=_index_search)
+    index_cli.add_arguments(ix, _HelpFormatter)
+
     return p
 
 
