@@ -21,7 +21,7 @@ from mmembed import api
 from mmembed.config import ModelCfg
 from mmembed.io import save_model
 from mmembed.processing import BaseProcessor
-from mmembed.types import ImageRef, InputError, Side
+from mmembed.types import ImageRef, InputError, Side, VideoRef
 from mmembed.visual import VisualPath, has_pixels
 
 __all__ = ["EmbeddingModel"]
@@ -169,8 +169,10 @@ class EmbeddingModel(nn.Module):
         normalize_embeddings: bool = False,
         truncate_dim: int | None = None,
         precision: str = "float32",
+        videos: Sequence[VideoRef | None] | None = None,
+        video_options: Any = None,
     ) -> np.ndarray | torch.Tensor:
-        """Embed aligned lists of texts and images; any item may be ``None``.
+        """Embed aligned lists of texts, images and videos; any item may be ``None``.
 
         The keyword-only arguments are sentence-transformers' (``SentenceTransformer.encode``, same semantics and
         order of operations: :mod:`mmembed.api`).
@@ -188,6 +190,11 @@ class EmbeddingModel(nn.Module):
             truncate_dim: keep the first d dims (Matryoshka); default ``self.truncate_dim``.
             precision: ``float32``, or ``int8`` / ``uint8`` (ranges from this output) / ``binary`` / ``ubinary``
                 (packed bits, (N, ceil(d / 8))), as ``mmembed.api.quantize_embeddings``.
+            videos: per row one video: a file path, its bytes, a list of frames (PIL images, image paths or
+                (H, W, 3) uint8 arrays) or a (T, H, W, 3) array, or ``None``; placed at ``<|video_1|>`` in the text,
+                else before it (docs/video.md). Native models with a video path only.
+            video_options: this call's sampling and resizing: a :class:`mmembed.video.VideoOptions`, or a mapping of
+                its keys (``fps``, ``max_frames``, ``max_pixels``, ...) over the recipe's ``model.backbone.video``.
 
         Returns:
             (N, d) float32 (L2-normalized when the model normalizes and nothing is truncated), or the quantized array.
@@ -204,7 +211,14 @@ class EmbeddingModel(nn.Module):
             truncate_dim if truncate_dim is not None else self.truncate_dim, self.embed_dim
         )
         instruction = api.resolve_instruction(self.cfg.prompts, instruction, prompt, prompt_name)
-        sides = self._rows(texts, images, instruction)
+        sides = self._rows(texts, images, instruction, videos)
+        call = {}
+        if video_options is not None:
+            if getattr(self.processor, "video_options", None) is None:
+                raise ValueError("video_options given but this model takes no video input")
+            from mmembed.processing.native import resolve_video_options
+
+            call["video_options"] = resolve_video_options(self.processor.video_options, video_options)
         out = torch.empty(len(sides), self.embed_dim, dtype=torch.float32)
         order = sorted(range(len(sides)), key=lambda i: -self.processor.length(sides[i]))
         starts = range(0, len(order), max(1, batch_size))
@@ -214,7 +228,7 @@ class EmbeddingModel(nn.Module):
         try:
             for s in tqdm(starts, desc="encode", disable=not show, unit="batch"):
                 idx = order[s : s + batch_size]
-                batch = self.processor([sides[i] for i in idx], rows=idx)
+                batch = self.processor([sides[i] for i in idx], rows=idx, **call)
                 out[idx] = self(batch).float().cpu()
         finally:
             self.train(was_training)
@@ -247,14 +261,14 @@ class EmbeddingModel(nn.Module):
             kwargs["prompt_name"] = api.role_prompt(self.cfg.prompts, role)
         return self.encode(texts, images, instruction, **kwargs)
 
-    def _rows(self, texts: Any, images: Any, instruction: Any) -> list[Side]:
-        if isinstance(texts, str) or isinstance(images, (str, os.PathLike)):
-            raise TypeError("texts and images are lists (one item per row); wrap a single item in a list")
-        n_t = None if texts is None else len(texts)
-        n_i = None if images is None else len(images)
-        if n_t is not None and n_i is not None and n_t != n_i:
-            raise ValueError(f"texts ({n_t}) and images ({n_i}) must be aligned lists of the same length")
-        n = n_t if n_t is not None else (n_i or 0)
+    def _rows(self, texts: Any, images: Any, instruction: Any, videos: Any = None) -> list[Side]:
+        if isinstance(texts, str) or isinstance(images, (str, os.PathLike)) or isinstance(videos, (str, os.PathLike)):
+            raise TypeError("texts, images and videos are lists (one item per row); wrap a single item in a list")
+        lengths = {k: len(v) for k, v in (("texts", texts), ("images", images), ("videos", videos)) if v is not None}
+        if len(set(lengths.values())) > 1:
+            shown = " and ".join(f"{k} ({n})" for k, n in lengths.items())
+            raise ValueError(f"{shown} must be aligned lists of the same length")
+        n = next(iter(lengths.values()), 0)
         if isinstance(instruction, str) or instruction is None:  # a saved prompt name is resolved by encode
             instructions = [instruction] * n
         else:
@@ -267,7 +281,10 @@ class EmbeddingModel(nn.Module):
                 _check_text(i, what, value)
             img = None if images is None else images[i]
             imgs = [] if img is None else (list(img) if isinstance(img, (list, tuple)) else [img])
-            sides.append(Side(instruction=instructions[i], text=None if texts is None else texts[i], images=imgs))
+            vid = None if videos is None else videos[i]
+            vids = [] if vid is None else [list(vid) if isinstance(vid, np.ndarray) else vid]
+            text = None if texts is None else texts[i]
+            sides.append(Side(instruction=instructions[i], text=text, images=imgs, videos=vids))
         return sides
 
     @property

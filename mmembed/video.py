@@ -314,6 +314,17 @@ def _load_frames(frames: Sequence[Any], o: VideoOptions, source_fps: float | Non
     for i in np.unique(idx).tolist():
         item = frames[i]
         shown = item if isinstance(item, (str, os.PathLike)) else f"<{type(item).__name__}>"
+        if isinstance(item, np.ndarray):  # an (H, W, 3) uint8 frame, as documented (load_image takes no arrays)
+            if item.dtype != np.uint8 or item.ndim != 3 or item.shape[2] != 3:
+                raise VideoError(
+                    label, "bad_frame", f"frame {i}: expected (H, W, 3) uint8, got {item.dtype} {item.shape}"
+                )
+            try:
+                _check_frame(label, item.shape[1], item.shape[0], o)
+            except VideoError as e:
+                raise VideoError(label, "bad_frame", f"frame {i}: {e.detail}") from None
+            decoded[i] = np.ascontiguousarray(item)
+            continue
         try:
             img = load_image(item, o.max_frame_pixels, name=f"frame {i} ({shown})", max_aspect_ratio=o.max_aspect_ratio)
         except ImageError as e:

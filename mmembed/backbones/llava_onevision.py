@@ -7,7 +7,9 @@ tiles unpadded to the image's aspect ratio, bilinearly shrunk when they exceed `
 (``vision_aspect_ratio``), and a learned ``image_newline`` row closing every tile row (``pack_image_features``). The
 ``LlavaOnevisionProcessor`` expands each ``<image>`` to exactly that count, so the stock path is the HF forward on its
 output, and mmembed's splice (connector swap, AIM merging and pruning) cuts the packed features at the image runs as
-for LLaVA-Next (:class:`~mmembed.backbones.llava.Llava`); positions are 1-D. Video is not taken (images only).
+for LLaVA-Next (:class:`~mmembed.backbones.llava.Llava`); positions are 1-D. Videos go through the model's own
+video path (``pixel_values_videos`` (N_vid, T, 3, S, S): each frame's tower features 2x2 bilinearly pooled, then one
+``image_newline``; :mod:`mmembed.backbones.video`); the videos of one batch must have the same frame count.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from torch import nn
 
 from mmembed.backbones.llava import _TINY_TEXT, Llava
 from mmembed.backbones.native import load_hf_processor, load_native, set_image_backend
+from mmembed.backbones.video import check_video_config
 from mmembed.registry import BACKBONES
 from mmembed.tiny import TINY_CLIP_VISION_CONFIG, build_tiny_tokenizer
 from mmembed.types import ConfigError
@@ -86,6 +89,7 @@ class LlavaOnevision(Llava):
         attn_implementation: ``sdpa`` (default), ``eager`` or ``flash_attention_2``.
         add_eos: append the tokenizer's EOS (last-token pooling reads it).
         image_backend: ``pil`` | ``torchvision``: the image processor's backend (``None``: the processor's own).
+        video: video options (docs/video.md): sampling; the video processor resizes every frame to the tower's size.
 
     Only ``model.layout: mmembed``. The HF processor sees the batch's images as one flat list, so every image is
     tiled (``batch_num_images`` all 1, the processor's and the model's reading alike).
@@ -93,8 +97,11 @@ class LlavaOnevision(Llava):
 
     layouts = ("mmembed",)
     model_keys = ("input_ids", "attention_mask", "pixel_values", "image_sizes", "batch_num_images")
+    model_keys += ("pixel_values_videos",)
     #: per image (the flat image list): split with the images by GradCache
     image_keys = ("image_sizes", "batch_num_images")
+    video_text = "<video>"
+    video_token = "<video>"
     example_args = [
         {"config": TINY_LLAVA_ONEVISION_CONFIG, "processor": "tiny"},
         {"config": TINY_LLAVA_ONEVISION_CONFIG, "processor": "tiny", "anyres": False},
@@ -111,8 +118,10 @@ class LlavaOnevision(Llava):
         attn_implementation: str = "sdpa",
         add_eos: bool = True,
         image_backend: str | None = None,
+        video: dict[str, Any] | None = None,
     ) -> None:
         nn.Module.__init__(self)
+        check_video_config({"video": video})
         model, _, spec = load_native(
             "llava_onevision", _CLASSES, name, config, pretrained, processor, ("tiny",), dtype, attn_implementation
         )
@@ -135,6 +144,14 @@ class LlavaOnevision(Llava):
             proc.image_processor.image_grid_pinpoints = [[size, size]]
         set_image_backend(proc, image_backend)
         self._setup(model, proc, add_eos, dtype, source=str(spec))
+        self._setup_video(video)
+
+    check_config = staticmethod(check_video_config)
+
+    def tokens_per_frame(self) -> int:
+        """Tokens per video frame: the tower's g x g grid bilinearly pooled to ceil(g/2)^2 (``apply_pooling``)."""
+        g = self._grid()[0]
+        return ((g + 1) // 2) ** 2
 
     def _install_connector(self, connector: nn.Module) -> bool:
         """LLaVA's swap (``multi_modal_projector`` calls the connector per tile); the any-res packing reshapes

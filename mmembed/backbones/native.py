@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from mmembed.backbones.base import Backbone, hidden_of
+from mmembed.backbones.video import VideoBackbone, check_stock
 from mmembed.types import ConfigError
 from mmembed.visual import VisualItem, VisualPath, has_pixels, merge_items
 
@@ -53,7 +54,7 @@ class ModuleRef:
         return self.module(*args, **kwargs)
 
 
-class NativeVLM(Backbone):
+class NativeVLM(VideoBackbone, Backbone):
     """Base class of native VLM backbones; subclasses set ``image_text`` / ``model_keys`` and build the model and
     processor in ``__init__`` (then call :meth:`_setup`), see qwen2_vl.py and llava.py.
 
@@ -230,6 +231,8 @@ class NativeVLM(Backbone):
             kwargs.pop("pixel_values", None)
         else:
             kwargs["pixel_values"] = kwargs["pixel_values"].to(self.model_dtype())
+        if "pixel_values_videos" in kwargs:  # the model's own video path (mmembed/backbones/video.py)
+            kwargs["pixel_values_videos"] = kwargs["pixel_values_videos"].to(self.model_dtype())
         out = self.model(**kwargs, output_hidden_states=all_layers, use_cache=False)
         mask = batch["attention_mask"]
         return hidden_of(out, all_layers), mask, batch.get("pool_mask", mask)
@@ -257,6 +260,7 @@ class NativeVisual(VisualPath):
         return self.backbone.tokens_per_image()
 
     def __call__(self, batch: dict[str, torch.Tensor]) -> list[VisualItem] | None:
+        check_stock(batch, self.stock)
         if self.stock or not has_pixels(batch):
             return None
         items = self.backbone.image_items(batch, self.connector)

@@ -3,7 +3,8 @@
 The HF base model (``Qwen2VLModel`` / ``Qwen2_5_VLModel``: ViT with 2x2 patch merger + Qwen2 LLM with M-RoPE,
 Qwen2-VL paper arXiv 2409.12191) runs its own forward on the ``Qwen2VLProcessor`` output; dynamic resolution is
 bounded by ``min_pixels`` / ``max_pixels`` (VLM2Vec-V2: 28*28*4 .. 28*28*1280, docs/mmeb.md §1.8); one visual
-token covers 28x28 pixels. VLM2Vec pads Qwen on the left (docs/data.md, "Layout").
+token covers 28x28 pixels. VLM2Vec pads Qwen on the left (docs/data.md, "Layout"). Videos go through the model's own
+video path (``pixel_values_videos``, ``video_grid_thw``: :mod:`mmembed.backbones.video`).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import torch
 from torch import nn
 
 from mmembed.backbones.native import TINY_TEXT_CONFIG, NativeVLM, load_hf_processor, load_native, set_image_backend
+from mmembed.backbones.video import QWEN_VIDEO_KEYS, check_video_config
 from mmembed.registry import BACKBONES
 from mmembed.tiny import build_tiny_tokenizer
 from mmembed.types import ConfigError, InputError
@@ -74,13 +76,15 @@ TINY_QWEN25VL_CONFIG: dict[str, Any] = {
 
 
 def build_tiny_qwen2vl_processor(min_pixels: int = 28 * 28 * 4, max_pixels: int = 28 * 28 * 16) -> Any:
-    """An offline ``Qwen2VLProcessor``: mmembed's tiny tokenizer + the 4 Qwen vision tokens (ids 400-403)."""
+    """An offline ``Qwen2VLProcessor``: mmembed's tiny tokenizer + the 4 Qwen vision tokens (ids 400-403); video
+    frames get the images' pixel bounds."""
     from transformers import Qwen2VLImageProcessor, Qwen2VLProcessor, Qwen2VLVideoProcessor
 
     tok = build_tiny_tokenizer()
     tok.add_tokens(QWEN_SPECIAL_TOKENS, special_tokens=True)
     image = Qwen2VLImageProcessor(min_pixels=min_pixels, max_pixels=max_pixels)
-    return Qwen2VLProcessor(image_processor=image, tokenizer=tok, video_processor=Qwen2VLVideoProcessor())
+    video = Qwen2VLVideoProcessor(min_pixels=min_pixels, max_pixels=max_pixels)
+    return Qwen2VLProcessor(image_processor=image, tokenizer=tok, video_processor=video)
 
 
 @BACKBONES.register("qwen2_vl")
@@ -100,6 +104,8 @@ class Qwen2VL(NativeVLM):
         add_eos: append the tokenizer's EOS (last-token pooling reads it).
         image_backend: ``pil`` | ``torchvision``: the image processor's backend (``None``: the processor's own,
             torchvision in transformers 5.x). VLM2Vec ran transformers 4.51's PIL one (``recipes/vlm2vec*``: ``pil``).
+        video: :class:`~mmembed.video.VideoOptions` keys (``fps``, ``max_frames``, ``min_pixels``, ...; docs/video.md);
+            ``factor`` defaults to patch * merge (28), ``frame_multiple`` to ``temporal_patch_size`` (2).
 
     ``model.layout: vlm2vec`` (VLM2Vec's sequence, docs/mmeb.md): ``<|image_pad|>`` then a space, no
     ``<|vision_start|>``/``<|vision_end|>``, no EOS, and 1-D positions for every token. VLM2Vec's bundled Qwen2-VL
@@ -119,9 +125,14 @@ class Qwen2VL(NativeVLM):
         "image_grid_thw",
         "mm_token_type_ids",
         "position_ids",
+        *QWEN_VIDEO_KEYS,
     )
     image_keys = ("image_grid_thw",)
     patch_grid_key = "image_grid_thw"
+    video_text = "<|vision_start|><|video_pad|><|vision_end|>"
+    video_token = "<|video_pad|>"
+    video_keys = ("video_grid_thw", "second_per_grid_ts")
+    video_grid_key = "video_grid_thw"
     example_args = [
         {"config": TINY_QWEN2VL_CONFIG, "processor": "tiny"},
         {"config": TINY_QWEN25VL_CONFIG, "processor": "tiny", "max_pixels": 28 * 28 * 8},
@@ -139,13 +150,29 @@ class Qwen2VL(NativeVLM):
         attn_implementation: str = "sdpa",
         add_eos: bool = True,
         image_backend: str | None = None,
+        video: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
-        self.check_config({"min_pixels": min_pixels, "max_pixels": max_pixels})
+        self.check_config({"min_pixels": min_pixels, "max_pixels": max_pixels, "video": video})
         model, _, spec = load_native(
             "qwen2_vl", _CLASSES, name, config, pretrained, processor, ("tiny",), dtype, attn_implementation
         )
         proc = build_tiny_qwen2vl_processor() if spec == "tiny" else load_hf_processor(spec)
+        self._setup_qwen(model, proc, spec, min_pixels, max_pixels, image_backend, add_eos, dtype, video)
+
+    def _setup_qwen(
+        self,
+        model: Any,
+        proc: Any,
+        spec: str,
+        min_pixels: int | None,
+        max_pixels: int | None,
+        image_backend: str | None,
+        add_eos: bool,
+        dtype: str,
+        video: dict[str, Any] | None,
+    ) -> None:
+        """The image processor's pixel bounds and backend, then :meth:`_setup` and the video options."""
         size = dict(proc.image_processor.size)
         if min_pixels is not None:
             size["shortest_edge"] = int(min_pixels)
@@ -155,9 +182,20 @@ class Qwen2VL(NativeVLM):
         proc.image_processor.size = type(proc.image_processor.size)(**size)
         set_image_backend(proc, image_backend)
         self._setup(model, proc, add_eos, dtype, source=str(spec))
+        self._setup_video(video, self.video_defaults())
+
+    def video_defaults(self) -> dict[str, int]:
+        """Frames resized to multiples of patch * merge (one merge unit), counts multiples of the temporal patch."""
+        vp = self.hf_processor.video_processor
+        return {"factor": int(vp.patch_size) * int(vp.merge_size), "frame_multiple": int(vp.temporal_patch_size)}
+
+    def tokens_per_frame(self) -> int:
+        """Visual tokens per sampled frame: an image's bound over the temporal patch (2 frames per token)."""
+        return max(1, self.tokens_per_image() // int(self.hf_processor.video_processor.temporal_patch_size))
 
     @staticmethod
     def check_config(args: dict[str, Any]) -> None:
+        check_video_config(args)
         lo, hi = args.get("min_pixels"), args.get("max_pixels")
         for key, value in (("min_pixels", lo), ("max_pixels", hi)):
             if value is not None and (not isinstance(value, int) or value < 1):

@@ -14,8 +14,7 @@ per 32x32 pixels with 16 px patches) with two changes this module has to follow 
 - **interleaved M-RoPE**: the (t, h, w) frequencies alternate over the head dimension (``mrope_section``), inside
   the model's rotary embedding; the position ids themselves are Qwen2-VL's (``get_rope_index``: an image takes
   ``offset + (t, h, w)``, the next text ``offset + max(h, w)``), so :mod:`mmembed.backbones.splice` numbers them.
-
-Video is not taken: the native processor passes images only (as for Qwen2-VL).
+Videos: Qwen2-VL's HF video path (:mod:`mmembed.backbones.video`), with Qwen3-VL's ``<t seconds>`` frame texts.
 """
 
 from __future__ import annotations
@@ -33,9 +32,9 @@ from mmembed.backbones.native import (
     NativeVisual,
     load_hf_processor,
     load_native,
-    set_image_backend,
 )
 from mmembed.backbones.qwen2_vl import QWEN_SPECIAL_TOKENS, Qwen2VL
+from mmembed.backbones.video import QWEN_VIDEO_KEYS, check_stock
 from mmembed.registry import BACKBONES
 from mmembed.tiny import build_tiny_tokenizer
 from mmembed.tokens.merge import AIMMerger, merged_count
@@ -99,7 +98,7 @@ def build_tiny_qwen3vl_processor(
     sizes = {"patch_size": patch_size, "merge_size": merge_size, "temporal_patch_size": temporal_patch_size}
     norm = {"image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5]}
     image = Qwen2VLImageProcessor(**sizes, **norm, min_pixels=unit * min_tokens, max_pixels=unit * max_tokens)
-    video = Qwen3VLVideoProcessor(**sizes, **norm)
+    video = Qwen3VLVideoProcessor(**sizes, **norm, size={"shortest_edge": unit * min_tokens, "longest_edge": unit * 64})
     return Qwen3VLProcessor(image_processor=image, tokenizer=tok, video_processor=video)
 
 
@@ -172,6 +171,7 @@ class Qwen3VL(Qwen2VL):
         attn_implementation: ``sdpa`` (default), ``eager`` or ``flash_attention_2``.
         add_eos: append the tokenizer's EOS (last-token pooling reads it).
         image_backend: ``pil`` | ``torchvision``: the image processor's backend (``None``: the processor's own).
+        video: video options (docs/video.md), as Qwen2-VL's (``factor`` defaults to 16 * 2 = 32).
 
     Only ``model.layout: mmembed`` (VLM2Vec has no Qwen3-VL backbone to mirror). ``model.connector`` (one token
     per 2x2 merge unit, e.g. ``mlp``), ``model.merge: {type: aim}`` and ``model.prune: {type: aim}`` carry the
@@ -180,6 +180,7 @@ class Qwen3VL(Qwen2VL):
 
     layouts = ("mmembed",)
     model_keys = ("input_ids", "attention_mask", "pixel_values", "image_grid_thw", "mm_token_type_ids")
+    model_keys += QWEN_VIDEO_KEYS
     example_args = [{"config": TINY_QWEN3VL_CONFIG, "processor": "tiny"}]
 
     def __init__(
@@ -194,9 +195,10 @@ class Qwen3VL(Qwen2VL):
         attn_implementation: str = "sdpa",
         add_eos: bool = True,
         image_backend: str | None = None,
+        video: dict[str, Any] | None = None,
     ) -> None:
         nn.Module.__init__(self)
-        self.check_config({"min_pixels": min_pixels, "max_pixels": max_pixels})
+        self.check_config({"min_pixels": min_pixels, "max_pixels": max_pixels, "video": video})
         model, _, spec = load_native(
             "qwen3_vl", _CLASSES, name, config, pretrained, processor, ("tiny",), dtype, attn_implementation
         )
@@ -207,15 +209,7 @@ class Qwen3VL(Qwen2VL):
             )
         else:
             proc = load_hf_processor(spec)
-        size = dict(proc.image_processor.size)
-        if min_pixels is not None:
-            size["shortest_edge"] = int(min_pixels)
-        if max_pixels is not None:
-            size["longest_edge"] = int(max_pixels)
-        self.check_config({"min_pixels": size["shortest_edge"], "max_pixels": size["longest_edge"]})
-        proc.image_processor.size = type(proc.image_processor.size)(**size)
-        set_image_backend(proc, image_backend)
-        self._setup(model, proc, add_eos, dtype, source=str(spec))
+        self._setup_qwen(model, proc, spec, min_pixels, max_pixels, image_backend, add_eos, dtype, video)
 
     @property
     def deepstack_layers(self) -> int:
@@ -361,6 +355,7 @@ class _DeepStackVisual(NativeVisual):
     """Qwen3-VL's visual path: :class:`DeepStackItem` rows; a merger merges their DeepStack rows alongside."""
 
     def __call__(self, batch: dict[str, torch.Tensor]) -> list[VisualItem] | None:
+        check_stock(batch, self.stock)
         if self.stock or not has_pixels(batch):
             return None
         items = self.backbone.image_items(batch, self.connector)

@@ -11,7 +11,7 @@ from typing import Any
 
 from mmembed.processing.base import BaseProcessor
 from mmembed.processing.composed import Processor
-from mmembed.processing.native import NativeProcessor
+from mmembed.processing.native import NativeProcessor, video_args
 from mmembed.types import InputError, layout_side
 
 __all__ = ["BaseProcessor", "Processor", "NativeProcessor", "InputError", "layout_side", "make_processor"]
@@ -49,6 +49,7 @@ def _hf(backbone: Any, visual: Any, cfg: Any) -> NativeProcessor:
         max_length=cfg.max_length,
         image_keys=backbone.image_keys,
         patch_grid_key=backbone.patch_grid_key,
+        **video_args(backbone),
     )
 
 

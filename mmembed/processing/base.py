@@ -1,4 +1,5 @@
-"""What every processor shares: the row layout, text truncation, image decoding, GradCache splits, device moves.
+"""What every processor shares: the row layout, text truncation, image and video decoding, GradCache splits, device
+moves.
 
 A processor turns :class:`~mmembed.types.Side` rows into one padded batch (padded to its longest row, never to a
 fixed length) and owns that batch's layout: :meth:`BaseProcessor.split` cuts it into GradCache chunks and
@@ -18,7 +19,7 @@ import torch
 from PIL import Image
 
 from mmembed.images import DEFAULT_MAX_PIXELS, ImageError, load_image
-from mmembed.types import InputError, Side, layout_side
+from mmembed.types import VIDEO_PLACEHOLDER, InputError, Side, item_kinds, layout_side
 
 __all__ = ["BaseProcessor", "keep_counts"]
 
@@ -66,6 +67,16 @@ class BaseProcessor:
     patch_grid_key: str | None = None
     #: ``layout: vlm2vec``: instruction and text joined exactly as VLM2Vec's ``process_input_text`` does
     join_as_vlm2vec: bool = False
+    #: where a video goes in a row's text; a processor without :attr:`video_options` refuses rows with videos
+    video_placeholder: str = VIDEO_PLACEHOLDER
+    #: how videos are sampled and resized (:class:`mmembed.video.VideoOptions`); ``None``: no video input
+    video_options: Any = None
+    #: visual tokens per video (an estimate for length grouping)
+    video_tokens: int = 0
+    #: per-video tensors besides ``pixel_values_videos`` (sliced by the rows' video counts in :meth:`split`)
+    video_keys: tuple[str, ...] = ()
+    #: a (N_vid, 3) key whose row product is each video's number of ``pixel_values_videos`` rows (Qwen's patches)
+    video_grid_key: str | None = None
 
     def __call__(self, sides: Sequence[Side], rows: Sequence[Any] | None = None) -> dict[str, torch.Tensor]:
         raise NotImplementedError
@@ -76,7 +87,8 @@ class BaseProcessor:
     def length(self, side: Side) -> int:
         """Cheap length estimate in tokens (for grouping by length; no tokenization)."""
         chars = len(side.text or "") + len(side.instruction or "")
-        return chars // 3 + len(side.images) * self.image_tokens + self.n_special
+        videos = len(getattr(side, "videos", None) or [])
+        return chars // 3 + len(side.images) * self.image_tokens + videos * self.video_tokens + self.n_special
 
     @property
     def n_special(self) -> int:
@@ -89,13 +101,27 @@ class BaseProcessor:
     def layout(self, side: Side, row: Any) -> tuple[int, int, list[str]]:
         """(leading images, instruction length in characters, text chunks between the other images), in VLM2Vec's
         ``<image> instruction text`` layout (:func:`~mmembed.types.layout_side`)."""
-        lead, instruction, rest = layout_side(side, row, self.placeholder, self.max_images)
+        lead, n_instr, chunks, _ = self.media_layout(side, row)
+        return lead, n_instr, chunks
+
+    def media_layout(self, side: Side, row: Any) -> tuple[int, int, list[str], list[str]]:
+        """:meth:`layout` with the kind (``image`` / ``video``) of each visual item in order, the ``lead`` leading
+        ones first: (leading items, instruction length in characters, text chunks between the others, kinds)."""
+        videos = getattr(side, "videos", None) or []
+        if videos and self.video_options is None:
+            raise InputError(f"row {row}: {len(videos)} video(s) given but this model takes no video input")
+        vph = self.video_placeholder if videos else ""
+        lead, instruction, rest = layout_side(side, row, self.placeholder, self.max_images, vph or VIDEO_PLACEHOLDER)
         self.check_row(side, row, rest)
-        chunks = rest.split(self.placeholder)
+        chunks = item_kinds(rest, self.placeholder, vph)[1]
+        # the items' order: those the text does not place (images, then videos: layout_side), then the text's
+        order = item_kinds(side.text or "", self.placeholder, vph)[0]
+        counts = (("image", len(side.images)), ("video", len(videos)))
+        kinds = [k for k, n in counts if k not in order for _ in range(n)] + order
         if instruction or (self.join_as_vlm2vec and chunks[0]):
             # VLM2Vec's process_input_text joins ``instruction + " " + text`` even for an empty instruction
             chunks[0] = instruction + (" " + chunks[0] if chunks[0] else "")
-        return lead, len(instruction), chunks
+        return lead, len(instruction), chunks, kinds
 
     def warn_truncation(self, row: Any) -> None:
         """One warning per processor: a text longer than the budget lost its end."""
@@ -115,6 +141,22 @@ class BaseProcessor:
                     raise InputError(str(e)) from None
         return out
 
+    def decode_videos(self, sides: Sequence[Side], rows: Sequence[Any], options: Any = None) -> list[Any]:
+        """Every video of the batch sampled and decoded (:func:`mmembed.video.load_video`, frames as (T, H, W, 3)
+        uint8), in row order; a bad one raises :class:`InputError` naming the row and the file."""
+        from mmembed.video import VideoError, load_video
+
+        options = options if options is not None else self.video_options
+        out = []
+        for side, row in zip(sides, rows):
+            for vid in getattr(side, "videos", None) or []:
+                shown = vid if isinstance(vid, (str, os.PathLike)) else f"<{type(vid).__name__}>"
+                try:
+                    out.append(load_video(vid, options, output="numpy", name=f"row {row}: video {shown}"))
+                except VideoError as e:
+                    raise InputError(str(e)) from None
+        return out
+
     # ------------------------------------------------------------------------------------------
     # batches
 
@@ -127,24 +169,34 @@ class BaseProcessor:
 
         Row tensors (B, L) are sliced; per-image tensors (``pixel_values`` and :attr:`image_keys`) by the rows'
         image counts; flattened patches (Qwen2-VL's ``pixel_values`` (N_patches, C*T*P*P)) by each image's
-        ``t*h*w`` from :attr:`patch_grid_key`. Columns that are padding in every row of a chunk are dropped, so each
-        chunk is padded only to its own longest row; positions come from the attention mask and do not change.
+        ``t*h*w`` from :attr:`patch_grid_key`; videos alike (``pixel_values_videos`` and :attr:`video_keys` by the
+        rows' ``video_counts``, Qwen's flattened video patches by :attr:`video_grid_key`). Columns that are padding in
+        every row of a chunk are dropped, so each chunk is padded only to its own longest row; positions come from
+        the attention mask and do not change.
         """
         if chunk_size < 1:
             raise ValueError(f"chunk size must be >= 1, got {chunk_size}")
         n = batch["input_ids"].shape[0]
-        counts = batch["image_counts"]
+        per_item = {
+            "image_counts": ("pixel_values", self.image_keys, self.patch_grid_key),
+            "video_counts": ("pixel_values_videos", self.video_keys, self.video_grid_key),
+        }
         # offsets live on the CPU whatever the batch's device: they are only read as Python ints, so one copy here
         # replaces a device sync per chunk (and a CPU zero cannot meet a CUDA cumsum)
-        img_offsets = torch.cat([torch.zeros(1, dtype=torch.long), counts.cpu().cumsum(0)])
-        grid = batch.get(self.patch_grid_key) if self.patch_grid_key else None
-        if grid is not None:  # image i's rows of pixel_values: [pix_offsets[i], pix_offsets[i + 1])
-            pix_offsets = torch.cat([torch.zeros(1, dtype=torch.long), grid.cpu().prod(dim=-1).cumsum(0)])
-        else:
-            pix_offsets = torch.arange(int(img_offsets[-1]) + 1)
-        per_image = ("image_counts", "pixel_values", *self.image_keys)
+        offsets = {}
+        for count_key, (_, _, grid_key) in per_item.items():
+            if count_key not in batch:
+                continue
+            item = torch.cat([torch.zeros(1, dtype=torch.long), batch[count_key].cpu().cumsum(0)])
+            grid = batch.get(grid_key) if grid_key else None
+            if grid is not None:  # item i's rows of the pixels: [pix[i], pix[i + 1])
+                pix = torch.cat([torch.zeros(1, dtype=torch.long), grid.cpu().prod(dim=-1).cumsum(0)])
+            else:
+                pix = torch.arange(int(item[-1]) + 1)
+            offsets[count_key] = (item, pix)
+        skip = {k for count_key, (pixel_key, keys, _) in per_item.items() for k in (count_key, pixel_key, *keys)}
         shape = tuple(batch["input_ids"].shape)
-        row_keys = [k for k, v in batch.items() if k not in per_image and tuple(v.shape) == shape]
+        row_keys = [k for k, v in batch.items() if k not in skip and tuple(v.shape) == shape]
         chunks = []
         for start in range(0, n, chunk_size):
             stop = min(start + chunk_size, n)
@@ -152,13 +204,15 @@ class BaseProcessor:
             cols = mask.any(dim=0).nonzero()
             lo, hi = (int(cols[0]), int(cols[-1]) + 1) if len(cols) else (0, mask.shape[1])
             chunk = {k: batch[k][start:stop, lo:hi] for k in row_keys}
-            chunk["image_counts"] = counts[start:stop]
-            a, b = int(img_offsets[start]), int(img_offsets[stop])
-            if b > a:
-                for key in self.image_keys:
-                    if key in batch:
-                        chunk[key] = batch[key][a:b]
-                if "pixel_values" in batch:
-                    chunk["pixel_values"] = batch["pixel_values"][int(pix_offsets[a]) : int(pix_offsets[b])]
+            for count_key, (item, pix) in offsets.items():
+                pixel_key, keys, _ = per_item[count_key]
+                chunk[count_key] = batch[count_key][start:stop]
+                a, b = int(item[start]), int(item[stop])
+                if b > a:
+                    for key in keys:
+                        if key in batch:
+                            chunk[key] = batch[key][a:b]
+                    if pixel_key in batch:
+                        chunk[pixel_key] = batch[pixel_key][int(pix[a]) : int(pix[b])]
             chunks.append(chunk)
         return chunks
