@@ -12,12 +12,11 @@ import bisect
 import os
 from collections.abc import Iterator
 from dataclasses import replace
-from pathlib import Path
 
+from mmembed.data.eval_table import EvalRows, EvalRowsBuilder
 from mmembed.data.formats import (
     EVAL_FORMATS,
     TRAIN_FORMATS,
-    EvalExample,
     ParseOptions,
     content_key,
     detect_format,
@@ -156,8 +155,9 @@ def read_eval_set(
     max_text_chars: int = 20_000,
     check_images: bool = True,
     keep_missing_images: bool = False,
-) -> dict[str, list[EvalExample]]:
-    """Read MMEB-eval sets (manifest, directory or file) -> ``{dataset name: [EvalExample, ...]}``.
+) -> dict[str, EvalRows]:
+    """Read MMEB-eval sets (manifest, directory or file) -> ``{dataset name: EvalRows}`` (a sequence of
+    :class:`EvalExample`, stored as index arrays into the set's distinct inputs: :mod:`mmembed.data.eval_table`).
 
     Images stay as paths (the eval code encodes them through the processor). With
     ``check_images`` a row whose query or candidate image file is missing or empty is skipped and
@@ -166,11 +166,13 @@ def read_eval_set(
     ``meta["missing_images"]`` naming its sides (``"query"``, ``"candidate 3"``) and an
     ``image_missing`` event counted; the evaluator scores it as a miss, never dropping it from the
     denominator. Manifest instructions fill in ``qry_inst``/``tgt_inst`` when the rows have none.
+    A candidate repeated across the rows of a file is parsed and checked once.
     """
     counter = counter if counter is not None else SkipCounter()
-    out: dict[str, list[EvalExample]] = {}
+    check = None if not check_images else ("mark" if keep_missing_images else "skip")
+    out: dict[str, EvalRows] = {}
     for spec in resolve_datasets(path, image_root):
-        examples: list[EvalExample] = []
+        table = EvalRowsBuilder(spec.name, check)
         for f in spec.files:
             src = open_rows(f)
             fmt = spec.format or detect_format(src.columns, str(src.path))
@@ -179,47 +181,27 @@ def read_eval_set(
             root = spec.image_root or src.path.parent
             opts = ParseOptions(placeholder, root, max_text_chars, dataset=spec.name, family=spec.family)
             n = min(len(src), spec.cap) if spec.cap else len(src)
+            table.new_file()
             for j in range(n):
+                where = src.where(j)
                 try:
-                    ex = parse_eval_row(src.row(j), fmt, opts)
-                    if check_images and not keep_missing_images:
-                        _check_paths([ex.query, *ex.candidates])
+                    if spec.instructions:
+                        ex = parse_eval_row(src.row(j), fmt, opts)
+                        missing = table.check_example(ex)
+                    else:
+                        missing = table.add_row(src.row(j), fmt, opts, where)
                 except BadSample as e:
-                    counter.skip(src.where(j), e.reason, e.detail)
+                    counter.skip(where, e.reason, e.detail)
                     continue
                 counter.ok()
-                if check_images and keep_missing_images:
-                    missing = _missing_sides(ex)
+                if missing:
+                    counter.event(where, "image_missing", missing[0][1], fatal_in_strict=False)
+                if spec.instructions:
                     if missing:
                         ex.meta["missing_images"] = [label for label, _ in missing]
-                        counter.event(src.where(j), "image_missing", missing[0][1], fatal_in_strict=False)
-                if spec.instructions:
                     q, cands = spec.instructions.apply(
                         ex.query, ex.candidates, seed=0, dataset=spec.name, index=j, placeholder=placeholder
                     )
-                    ex = replace(ex, query=q, candidates=cands)
-                examples.append(replace(ex, dataset=spec.name, source=src.where(j)))
-        out[spec.name] = examples
+                    table.add_example(replace(ex, query=q, candidates=cands), where)
+        out[spec.name] = table.finish()
     return out
-
-
-def _missing_sides(ex: EvalExample) -> list[tuple[str, str]]:
-    """``(label, detail)`` of each side of ``ex`` with a missing or empty image file."""
-    out = []
-    for label, side in [("query", ex.query)] + [(f"candidate {j}", c) for j, c in enumerate(ex.candidates)]:
-        try:
-            _check_paths([side])
-        except BadSample as e:
-            out.append((label, e.detail))
-    return out
-
-
-def _check_paths(sides: list[Side]) -> None:
-    for side in sides:
-        for im in side.images:
-            if isinstance(im, (str, os.PathLike)):
-                p = Path(im)
-                if not p.is_file():
-                    raise BadSample("image_missing", f"{p}: file not found")
-                if p.stat().st_size == 0:
-                    raise BadSample("image_empty", f"{p}: empty file (0 bytes)")

@@ -26,6 +26,7 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -44,6 +45,9 @@ __all__ = [
     "parse_eval_row",
     "convert_text",
     "content_key",
+    "candidate_key",
+    "EvalRowParts",
+    "eval_row_parts",
 ]
 
 MMEB_PLACEHOLDER = "<|image_1|>"
@@ -302,6 +306,44 @@ def parse_eval_row(row: dict[str, Any], fmt: str, opts: ParseOptions) -> EvalExa
     :mod:`mmembed.data.mmeb_rules`); rows of other datasets get the generic rule: ``qry_inst`` on the query,
     ``tgt_inst`` on every candidate, no suffix.
     """
+    p = eval_row_parts(row, fmt, opts)
+    candidates, keys, cut = [], [], p.cut
+    for j, t in enumerate(p.texts):
+        i = p.images[j] if p.images else None
+        side, c = p.make(j, t, i)
+        candidates.append(side)
+        keys.append(candidate_key(t, i))
+        cut = cut or c
+    meta = {"text_truncated": cut, **p.meta}
+    return EvalExample(query=p.query, candidates=candidates, candidate_keys=keys, meta=meta)
+
+
+def candidate_key(text: str | None, image: str | None) -> str:
+    """:attr:`EvalExample.candidate_keys` entry of a candidate from its raw fields (VLM2Vec ``cand_name``)."""
+    return f"{text or ''}\x00{image or ''}"
+
+
+@dataclass
+class EvalRowParts:
+    """An eval row parsed up to its candidates (what :func:`parse_eval_row` and the table reader share).
+
+    ``make(j, text, image)`` builds candidate ``j`` (``(side, text cut)``; raises :class:`BadSample` naming
+    ``candidate j``) from its raw fields ``texts[j]`` and ``images[j]`` (``images`` None: no candidate images).
+    Beyond those it depends only on the file's options and on ``context`` (hashable), so a reader may reuse the
+    side built for an equal ``(context, text, image)`` of the same file.
+    """
+
+    query: Side
+    cut: bool
+    texts: list[str | None]
+    images: list[str | None] | None
+    context: tuple
+    make: Callable[[int, str | None, str | None], tuple[Side, bool]]
+    meta: dict[str, Any]
+
+
+def eval_row_parts(row: dict[str, Any], fmt: str, opts: ParseOptions) -> EvalRowParts:
+    """Parse an eval row's query and candidate fields (:class:`EvalRowParts`). Raises :class:`BadSample`."""
     if not isinstance(row, dict):
         raise BadSample("bad_field", f"expected a JSON object per row, got {type(row).__name__}")
     if fmt not in EVAL_FORMATS:
@@ -316,14 +358,11 @@ def parse_eval_row(row: dict[str, Any], fmt: str, opts: ParseOptions) -> EvalExa
     strip = instructed  # V1 texts stay as they are (src/dataset.py EvalDataset.__getitem__, v1 branch)
     q_imgs = _str_list(row, "qry_img_path", False)
     query, cut = _side(_get(row, "qry_text", str, False), q_imgs, opts, "query", q_inst, strip=strip)
-    candidates, keys = [], []
-    for j, t in enumerate(texts):
-        i = imgs[j] if imgs else None
-        side, c = _side(t, [i], opts, f"candidate {j}", instruction=t_inst, strip=strip)
-        candidates.append(side)
-        keys.append(f"{t or ''}\x00{i or ''}")
-        cut = cut or c
-    return EvalExample(query=query, candidates=candidates, candidate_keys=keys, meta={"text_truncated": cut})
+
+    def make(j: int, t: str | None, i: str | None) -> tuple[Side, bool]:
+        return _side(t, [i], opts, f"candidate {j}", instruction=t_inst, strip=strip)
+
+    return EvalRowParts(query, cut, texts, imgs or None, ("v1", t_inst, strip), make, {})
 
 
 def _candidate_fields(row: dict[str, Any]) -> tuple[list[str | None], list[str | None]]:
@@ -350,7 +389,7 @@ def _v2_side(instruction: str | None, text: str, images: list[str], opts: ParseO
 
 def _parse_v2(
     row: dict[str, Any], texts: list[str | None], imgs: list[str | None], rule: EvalRule, opts: ParseOptions
-) -> EvalExample:
+) -> EvalRowParts:
     """An instructed row as VLM2Vec-V2's ``rule.family`` parser builds it (docs/mmeb_parsing.md)."""
     q_paths = [_resolve(p, opts.image_root) for p in _str_list(row, "qry_img_path", False) if p]
     q_paths = q_paths if rule.query_image else []  # image_t2i_eval.py: query_images = [None]
@@ -361,21 +400,17 @@ def _parse_v2(
     t_inst = _get(row, "tgt_inst", str, False)
     # image_t2i_eval.py / image_i2i_vg_dataset.py: "if tgt_captions[0].strip()", decided once per row
     captions = rule.image_candidates and bool(convert_text(texts[0], False, "", strip=True))
-    candidates, keys = [], []
-    for j, t in enumerate(texts):
-        path = imgs[j] if imgs and rule.image_candidates else None
+
+    def make(j: int, t: str | None, path: str | None) -> tuple[Side, bool]:
         paths = [_resolve(path, opts.image_root)] if path else []
         if not rule.image_candidates:  # cls / qa / i2t: the label text alone
-            side, c = _v2_side(
-                None, convert_text(t, False, opts.placeholder, strip=False) or "", [], opts, f"candidate {j}"
-            )
-        elif captions:
+            text = convert_text(t, False, opts.placeholder, strip=False) or ""
+            return _v2_side(None, text, [], opts, f"candidate {j}")
+        if captions:
             body = (convert_text(t, bool(paths), opts.placeholder, strip=False) or "").replace(" \n", "\n")
-            side, c = _v2_side(t_inst, body + rule.caption_suffix, paths, opts, f"candidate {j}")
-        else:
-            side, c = _v2_side(t_inst, rule.image_only_suffix, paths, opts, f"candidate {j}")
-        candidates.append(side)
-        keys.append(f"{t or ''}\x00{path or ''}")
-        cut = cut or c
-    meta = {"text_truncated": cut, "eval_family": rule.family}
-    return EvalExample(query=query, candidates=candidates, candidate_keys=keys, meta=meta)
+            return _v2_side(t_inst, body + rule.caption_suffix, paths, opts, f"candidate {j}")
+        return _v2_side(t_inst, rule.image_only_suffix, paths, opts, f"candidate {j}")
+
+    images = imgs if imgs and rule.image_candidates else None
+    meta = {"eval_family": rule.family}
+    return EvalRowParts(query, cut, texts, images, ("v2", t_inst, captions), make, meta)

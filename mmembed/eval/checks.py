@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
+from mmembed.data.eval_table import EvalRows
 from mmembed.data.formats import EvalExample
 from mmembed.eval.plan import Plan
 
@@ -69,7 +70,16 @@ def missing_paths(ex: EvalExample) -> list[str]:
 
 
 def count_missing(examples: Sequence[EvalExample]) -> tuple[int, int, str]:
-    """``(rows with a missing image, rows with any image, first missing path)``; cheap when nothing is missing."""
+    """``(rows with a missing image, rows with any image, first missing path)``; cheap when nothing is missing.
+
+    On an :class:`~mmembed.data.eval_table.EvalRows` table it reads the (N) row metas and the (K) inputs, never
+    building the rows' examples."""
+    if isinstance(examples, EvalRows):
+        rows = [r for r, meta in enumerate(examples.metas) if meta.get("missing_images")]
+        if not rows:
+            return 0, -1, ""
+        side_img = np.fromiter((bool(s.images) for s in examples.sides), dtype=bool, count=len(examples.sides))
+        return len(rows), int(examples.rows_using(side_img).sum()), first_missing_path(examples[rows[0]])
     missing = [ex for ex in examples if ex.meta.get("missing_images")]
     if not missing:
         return 0, -1, ""  # -1: not counted (not needed)

@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 
 from mmembed import dist
+from mmembed.data.eval_table import EvalRows
 from mmembed.data.formats import EvalExample
 from mmembed.data.sample import Side
 
@@ -201,6 +202,8 @@ def plan_dataset(name: str, examples: Sequence[EvalExample]) -> Plan:
     """
     if not examples:
         raise ValueError(f"eval set '{name}' is empty")
+    if isinstance(examples, EvalRows):
+        return _plan_table(name, examples)
     n = len(examples)
     shares = dist.all_gather_object(_plan_rows(name, examples, *dist.shard_range(n)))
     errors = [s["error"] for s in shares if s["error"]]
@@ -228,12 +231,55 @@ def plan_dataset(name: str, examples: Sequence[EvalExample]) -> Plan:
     pos = np.concatenate([s["positive"] for s in shares])
     offsets = np.zeros(n + 1, dtype=np.int64)
     np.cumsum(sizes, out=offsets[1:])
-    miss_rows = np.fromiter((bool(ex.meta.get("missing_images")) for ex in examples), dtype=bool, count=n)
+    metas = [ex.meta for ex in examples]
+    return _finish(name, examples, metas, sides, h, q_idx, flat, offsets, pos)
+
+
+def _plan_table(name: str, rows: EvalRows) -> Plan:
+    """The plan of a table read by :func:`mmembed.data.read_eval_set`: its K inputs reduced to their content keys
+    (:func:`side_key`, once each) and its index arrays remapped, with no per-pair Python and no gather (every rank
+    holds the table). Inputs are numbered in the table's first-seen order, so this equals the row-walking plan."""
+    sizes = np.diff(rows.cand_offsets)
+    if sizes.size and sizes.min() < 1:
+        row = int(np.argmin(sizes))
+        raise ValueError(f"{_where(name, row, rows[row])}: empty candidate list")
+    content: dict[tuple, int] = {}
+    sides: list[Side] = []
+    h = hashlib.blake2b(PLAN_VERSION, digest_size=16)
+    remap = np.empty(len(rows.sides), dtype=np.int32)
+    for j, side in enumerate(rows.sides):
+        key = side_key(side)
+        i = content.get(key)
+        if i is None:
+            i = content[key] = len(sides)
+            sides.append(side)
+            h.update(repr(key).encode())
+            h.update(b"\x00")
+        remap[j] = i
+    q_idx, flat = remap[rows.query], remap[rows.cand_flat]
+    return _finish(name, rows, rows.metas, sides, h, q_idx, flat, rows.cand_offsets, rows.positive)
+
+
+def _finish(
+    name: str,
+    examples: Sequence[EvalExample],
+    metas: Sequence[dict[str, Any]],
+    sides: list[Side],
+    h: Any,
+    q_idx: np.ndarray,
+    flat: np.ndarray,
+    offsets: np.ndarray,
+    pos: np.ndarray,
+) -> Plan:
+    """The plan from the merged arrays: missing-image marks from the rows' ``metas`` (N), the fingerprint ``h``
+    (content keys hashed so far) completed with the index arrays as bytes."""
+    n = q_idx.size
+    miss_rows = np.fromiter((bool(m.get("missing_images")) for m in metas), dtype=bool, count=n)
     missing = np.zeros(len(sides), dtype=bool)
     for row in np.flatnonzero(miss_rows).tolist():
         cands = flat[offsets[row] : offsets[row + 1]]
-        _mark_missing(missing, int(q_idx[row]), cands, examples[row].meta["missing_images"])
-    for arr in (q_idx, sizes, flat, pos):
+        _mark_missing(missing, int(q_idx[row]), cands, metas[row]["missing_images"])
+    for arr in (q_idx, np.diff(offsets), flat, pos):
         h.update(np.ascontiguousarray(arr, dtype="<i8" if arr.dtype == np.int64 else "<i4").tobytes())
     return Plan(
         name=name,
