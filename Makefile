@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 TORCH_PINS ?= torch==2.14.1 torchvision==0.29.1
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test test-all lint bench clean
+.PHONY: install demo test test-all test-vllm lint bench clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -32,6 +32,11 @@ test: $(STAMP)
 # everything, the slow end-to-end runs included (about 12 min on 2 cores)
 test-all: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -n $(PYTEST_WORKERS) -m "not gpu"
+
+# vLLM's pooling runner on a text-only export, in a separate venv (bash tools/vllm_cpu_env.sh; docs/export.md)
+MMEMBED_VLLM_PYTHON ?= /tmp/vllm_venv/bin/python
+test-vllm: $(STAMP)
+	MMEMBED_VLLM_PYTHON=$(MMEMBED_VLLM_PYTHON) HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -s -m slow tests/export/test_vllm.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .

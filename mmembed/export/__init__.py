@@ -1,11 +1,13 @@
 """``mmembed export MODEL_DIR OUT --to hf|sentence-transformers``: a saved mmembed model for other runtimes.
 
-- ``hf``: native VLM backbones only (Qwen2-VL / Qwen2.5-VL, LLaVA / LLaVA-Next with their own visual path): a
+- ``hf``: native VLM backbones (Qwen2-VL / Qwen2.5-VL, LLaVA / LLaVA-Next with their own visual path): a
   transformers checkpoint (``from_pretrained(OUT)`` offline; LoRA/DoRA were merged when mmembed saved the model) with
   its processor and mmembed's row layout as the chat template, plus sentence-transformers' ``Transformer`` ->
   ``Pooling`` [-> ``Dense``] [-> ``Normalize``] files (:mod:`mmembed.export.hf`). Settings plain transformers cannot
   express (a connector swap, token merging/pruning, an mmembed pooler...) are refused, naming the setting
-  (:func:`mmembed.export.plan.native_blockers`).
+  (:func:`mmembed.export.plan.native_blockers`). Text-only decoder models (``hf_causal_lm`` without vision,
+  last-token pooling) become a ``<Model>ForCausalLM`` checkpoint with the same files, no chat template
+  (:mod:`mmembed.export.text`).
 - ``sentence-transformers``: the same as ``hf`` when it can express the model, else one
   :class:`mmembed.export.st_module.MMEmbedModule` (the whole mmembed model as a sentence-transformers module).
 
@@ -104,10 +106,18 @@ def _umask() -> int:
 
 
 def _write_native(model: Any, meta: dict[str, Any], out: Path) -> None:
+    from mmembed.backbones.native import NativeVLM
     from mmembed.export.hf import write_hf_checkpoint, write_st_config, write_st_transformer
 
-    info = write_hf_checkpoint(model, out)
-    modules = write_st_transformer(model, out, info["hidden_size"])
+    if isinstance(model.backbone, NativeVLM):
+        info = write_hf_checkpoint(model, out)
+        modules = write_st_transformer(model, out, info["hidden_size"])
+    else:  # a text-only decoder (plan.text_blockers)
+        from mmembed.export.text import st_prompts, write_text_checkpoint
+
+        info = write_text_checkpoint(model, out)
+        modules = write_st_transformer(model, out, info["hidden_size"], text_only=True)
+        meta = {**meta, "prompts": st_prompts(dict(meta.get("prompts") or {}))}
     write_st_config(out, meta, modules, {})
     _write_card(out, meta, "hf")
 

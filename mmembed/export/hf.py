@@ -32,6 +32,14 @@ from mmembed.export.template import mmembed_chat_template
 
 __all__ = ["hub_state", "write_hf_checkpoint", "write_st_transformer", "write_st_config", "modality_config"]
 
+# modules.json types by their full module path, as sentence-transformers 6.3's own save writes them; vLLM 0.32 reads
+# the Pooling / Normalize / Dense modules only under these names (vllm/transformers_utils/config.py:
+# _ST_POOLING_MODULE_TYPES, _ST_NORMALIZE_MODULE_TYPES, _DENSE_MODULE_TYPES), not under the package re-exports
+_TRANSFORMER = "sentence_transformers.base.modules.transformer.Transformer"
+_POOLING = "sentence_transformers.sentence_transformer.modules.pooling.Pooling"
+_DENSE = "sentence_transformers.base.modules.dense.Dense"
+_NORMALIZE = "sentence_transformers.base.modules.normalize.Normalize"
+
 
 def _tensors(module: torch.nn.Module, prefix: str) -> dict[str, torch.Tensor]:
     """``module``'s state dict under ``prefix``, each tensor stored once (tied weights keep their first name)."""
@@ -141,24 +149,30 @@ def _dump(path: Path, obj: Any) -> None:
     path.write_text(json.dumps(obj, indent=2) + "\n")
 
 
-def write_st_transformer(model: Any, out: Path, hidden_size: int) -> list[dict[str, Any]]:
+def write_st_transformer(model: Any, out: Path, hidden_size: int, text_only: bool = False) -> list[dict[str, Any]]:
     """``sentence_bert_config.json`` and the pooling / dense / normalize modules; returns ``modules.json``'s list.
+
+    ``text_only`` (a text-only decoder, :mod:`mmembed.export.text`): the ``text`` modality alone (no chat template)
+    and ``max_seq_length`` = ``model.max_length`` (the tokenizer truncates the text, keeping its BOS / EOS).
 
     Pooling is ``lasttoken`` (mmembed's ``last_token``, the last real token for left and right padding alike) or
     ``mean`` (mmembed's ``mean`` with ``skip_instruction: false``); ``model.embed_dim`` becomes a bias-free
     ``Dense`` with the identity activation (mmembed's ``proj``), ``normalize: true`` a ``Normalize``.
     """
     cfg = model.cfg
-    st_cfg = {
+    modalities = {"text": modality_config()["text"]} if text_only else modality_config()
+    st_cfg: dict[str, Any] = {
         "transformer_task": "feature-extraction",
-        "modality_config": modality_config(),
+        "modality_config": modalities,
         "module_output_name": "token_embeddings",
         # mmembed pads on cfg.padding_side; Qwen2-VL does not take unpadded (flattened) batches
         "processing_kwargs": {"text": {"padding_side": cfg.padding_side}},
         "unpad_inputs": False,
     }
+    if text_only:
+        st_cfg["max_seq_length"] = int(cfg.max_length)
     _dump(out / "sentence_bert_config.json", st_cfg)
-    modules = [{"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.base.modules.Transformer"}]
+    modules = [{"idx": 0, "name": "0", "path": "", "type": _TRANSFORMER}]
     mode = "lasttoken" if cfg.pooler["type"] == "last_token" else "mean"
     pool = {"embedding_dimension": hidden_size, "pooling_mode": mode, "include_prompt": True}
     _dump(out / "1_Pooling" / "config.json", pool)
@@ -167,7 +181,7 @@ def write_st_transformer(model: Any, out: Path, hidden_size: int) -> list[dict[s
             "idx": 1,
             "name": "1",
             "path": "1_Pooling",
-            "type": "sentence_transformers.sentence_transformer.modules.Pooling",
+            "type": _POOLING,
         }
     )
     if model.proj is not None:
@@ -182,12 +196,10 @@ def write_st_transformer(model: Any, out: Path, hidden_size: int) -> list[dict[s
         _dump(out / "2_Dense" / "config.json", dense)
         weight = model.proj.weight.detach().float().contiguous().cpu()
         save_file({"linear.weight": weight}, str(out / "2_Dense" / "model.safetensors"))
-        modules.append({"idx": 2, "name": "2", "path": "2_Dense", "type": "sentence_transformers.base.modules.Dense"})
+        modules.append({"idx": 2, "name": "2", "path": "2_Dense", "type": _DENSE})
     if cfg.normalize:
         i = len(modules)
-        modules.append(
-            {"idx": i, "name": str(i), "path": f"{i}_Normalize", "type": "sentence_transformers.base.modules.Normalize"}
-        )
+        modules.append({"idx": i, "name": str(i), "path": f"{i}_Normalize", "type": _NORMALIZE})
         (out / f"{i}_Normalize").mkdir(parents=True, exist_ok=True)
     return modules
 

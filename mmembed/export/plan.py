@@ -5,13 +5,17 @@ projector's place, no token merging or pruning) runs the transformers class's ow
 ``transformers`` and sentence-transformers' ``Transformer`` module run on the exported checkpoint. Everything mmembed
 does around that forward must be expressible as a chat template (the row layout), a last-token or plain-mean
 ``Pooling``, an optional bias-free ``Dense`` (``model.embed_dim``) and ``Normalize``.
+
+A text-only decoder model (``backbone.type: hf_causal_lm`` without ``model.vision``) runs the ``<Model>ForCausalLM``
+base model's own forward on mmembed's token ids; it needs causal attention and last-token pooling
+(:func:`text_blockers`, :mod:`mmembed.export.text`).
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["ExportError", "native_blockers", "NATIVE_CLASSES"]
+__all__ = ["ExportError", "native_blockers", "text_blockers", "NATIVE_CLASSES"]
 
 #: mmembed backbone ``model_type`` -> the transformers class whose checkpoint layout the HF export writes
 NATIVE_CLASSES = {
@@ -35,14 +39,17 @@ def native_blockers(model: Any) -> list[str]:
     Args:
         model: a loaded :class:`~mmembed.model.EmbeddingModel`.
     """
+    from mmembed.backbones.hf_causal_lm import HFCausalLM
     from mmembed.backbones.native import NativeVLM
 
     cfg, backbone = model.cfg, model.backbone
     btype = cfg.backbone.get("type")
+    if isinstance(backbone, HFCausalLM) and model.vision is None and model.visual is None:
+        return text_blockers(model)
     if not isinstance(backbone, NativeVLM):
         return [
             f"backbone.type={btype} is a composed model (mmembed's own vision encoder, connector and splicing); "
-            f"--to hf needs a native VLM backbone (qwen2_vl, llava); {_COMPOSED}"
+            f"--to hf needs a native VLM backbone (qwen2_vl, llava) or a text-only hf_causal_lm model; {_COMPOSED}"
         ]
     out = []
     model_type = backbone.base_model().config.model_type
@@ -84,5 +91,44 @@ def native_blockers(model: Any) -> list[str]:
         out.append(
             f"layout={cfg.layout} numbers {hf_name}'s image tokens as text (1-D position_ids from mmembed's "
             f"processor), which its forward derives differently (M-RoPE); {_COMPOSED}"
+        )
+    return out
+
+
+def text_blockers(model: Any) -> list[str]:
+    """Why a text-only ``hf_causal_lm`` model cannot be a plain ``<Model>ForCausalLM`` checkpoint + ``Transformer``
+    -> ``Pooling(lasttoken)`` files (empty: it can).
+
+    Args:
+        model: a loaded :class:`~mmembed.model.EmbeddingModel` whose backbone is ``HFCausalLM`` and has no vision.
+    """
+    from mmembed.export.text import causal_lm_class
+
+    cfg, backbone = model.cfg, model.backbone
+    out = []
+    model_type = backbone.model.config.model_type
+    cls_name = causal_lm_class(model_type)
+    if cls_name is None:
+        out.append(f"backbone model_type={model_type} has no transformers ForCausalLM class; {_COMPOSED}")
+    hf_name = cls_name or model_type
+    if getattr(backbone, "attention", "causal") != "causal":
+        out.append(
+            f"backbone.attention={backbone.attention}: {hf_name} runs causal attention in transformers, "
+            f"sentence-transformers and vLLM; --to hf cannot express it; {_COMPOSED}"
+        )
+    for slot in ("connector", "merge", "prune", "fusion"):
+        node = getattr(cfg, slot, None)
+        if node is not None:
+            out.append(f"{slot}.type={node.get('type')} has no transformers equivalent; {_COMPOSED}")
+    ptype = (cfg.pooler or {}).get("type")
+    if ptype != "last_token":
+        why = (
+            "mmembed's mean leaves out the BOS (and with skip_instruction the instruction), vLLM's MEAN pooling "
+            "averages every token"
+            if ptype == "mean"
+            else "an mmembed module with weights, not a Pooling mode"
+        )
+        out.append(
+            f"pooler.type={ptype}: --to hf exports text-only models with last_token pooling ({why}); {_COMPOSED}"
         )
     return out
