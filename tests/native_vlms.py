@@ -98,3 +98,56 @@ def run_recipe(recipe: str, overrides: list[str], timeout: int = 300) -> subproc
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     cmd = [sys.executable, "-m", "mmembed.train", str(ROOT / recipe), *overrides]
     return subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=timeout)
+
+
+#: image sizes of :func:`mixed_rows` (different aspect ratios, so dynamic-resolution grids differ per image)
+SIZES = [(40, 48), (100, 70), (64, 64), (90, 120), (56, 56)]
+
+
+def mixed_rows():
+    """(six sides: text only, short text, image + instruction, image only, image + text, two interleaved images;
+    the five images they use)."""
+    from mmembed.data.sample import Side
+    from tests.conftest import make_image
+
+    imgs = [make_image(i, size=s) for i, s in enumerate(SIZES)]
+    sides = [
+        Side(instruction="Represent the given text.", text="a red circle on the left", images=[]),  # text only
+        Side(text="blue", images=[]),  # text only, short (padding)
+        Side(instruction="Represent the given image.", text=None, images=[imgs[0]]),  # image + instruction
+        Side(text=None, images=[imgs[1]]),  # image only
+        Side(instruction="Find an image caption", text="<image> what color is the object?", images=[imgs[2]]),
+        Side(text="two <image> and <image> compare", images=[imgs[3], imgs[4]]),  # interleaved, two images
+    ]
+    return sides, imgs
+
+
+def expected_texts(image_text: str) -> list[str]:
+    """The HF processor's text for each row of :func:`mixed_rows`, written out by hand (VLM2Vec layout + EOS)."""
+    return [
+        "Represent the given text. a red circle on the left</s>",
+        "blue</s>",
+        f"{image_text}Represent the given image.</s>",
+        f"{image_text}</s>",
+        f"{image_text}Find an image caption what color is the object?</s>",
+        f"two {image_text} and {image_text} compare</s>",
+    ]
+
+
+def gradcache_and_plain(model, qb, tb, chunk_size: int = 2, temperature: float = 0.05):
+    """One GradCache step of ``model`` and one plain step of a deep copy on the same batches.
+
+    Returns (GradCache step result, the plain loss, ``{name: grad}`` of the GradCache model, of the plain copy)."""
+    import copy
+
+    from mmembed.losses import InfoNCELoss
+    from mmembed.train import gradcache as gc
+
+    ref = copy.deepcopy(model)
+    loss = InfoNCELoss(temperature=temperature)
+    res = gc.gradcache_step(model, qb, tb, loss, chunk_size=chunk_size, split_fn=model.processor.split)
+    plain = loss(ref(qb), ref(tb))
+    plain.backward()
+    grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    ref_grads = {n: p.grad for n, p in ref.named_parameters() if p.grad is not None}
+    return res, plain, grads, ref_grads

@@ -319,6 +319,9 @@ class NativeProcessor(BaseProcessor):
         processor's ``text_replacement_offsets``, in text order) replaced by its expansion; tokenized alone, as it
         sits between special tokens or at the start of the row.
         """
+        # the visual pads (thousands per video) are special tokens: dropping them from the text leaves the markup's
+        # tokenization unchanged, and the tokenizer then sees only the markup
+        pads = [t for t in self.tokenizer.convert_ids_to_tokens([self.video_token_id, self.placeholder_id]) if t]
         out = []
         for b, kinds in enumerate(lead_kinds):
             n = 0
@@ -330,8 +333,10 @@ class NativeProcessor(BaseProcessor):
                 if entry is None or entry.get("type") != "video":
                     raise InputError(f"row {b}: the HF processor did not report where its video {j} went")
                 text = self.video_text.replace(entry["text"], entry["replacement"], 1)
+                for pad in pads:
+                    text = text.replace(pad, "")
                 ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
-                n += sum(1 for t in ids if t not in (self.placeholder_id, self.video_token_id))
+                n += len(ids) - ids.count(self.placeholder_id) - ids.count(self.video_token_id)
             out.append(n)
         return torch.tensor(out, dtype=torch.long)
 

@@ -36,18 +36,10 @@ def _non_negative(text: str) -> float:
     return value
 
 
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {value}")
-    return value
-
-
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """The ``serve`` options (each help names its default)."""
+    from mmembed.cli import _positive_int as _positive  # at parser-build time: mmembed.cli imports this module
+
     p.add_argument("model_dir", help="a saved model directory")
     p.add_argument("--index", default=None, help="an mmembed.index folder to serve POST /v1/search over")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (loopback only by default)")

@@ -20,12 +20,9 @@ import mmembed
 from mmembed.backbones.native import VLM2VEC_LORA_TARGETS
 from mmembed.config import ConfigError
 from mmembed.data.sample import Side
-from mmembed.losses import InfoNCELoss
-from mmembed.train import gradcache as gc
 from mmembed.train.setup import apply_lora
 from tests.conftest import make_image
-
-SIZES = [(40, 48), (100, 70), (64, 64), (90, 120), (56, 56)]
+from tests.native_vlms import SIZES, expected_texts, gradcache_and_plain, mixed_rows
 
 
 @pytest.fixture(scope="module")
@@ -34,24 +31,8 @@ def ckpt(hf_checkpoint):
 
 
 def _rows():
-    imgs = [make_image(i, size=s) for i, s in enumerate(SIZES)]
-    sides = [
-        Side(instruction="Represent the given text.", text="a red circle on the left", images=[]),  # text only
-        Side(text="blue", images=[]),  # text only, short (padding)
-        Side(instruction="Represent the given image.", text=None, images=[imgs[0]]),  # image + instruction
-        Side(text=None, images=[imgs[1]]),  # image only
-        Side(instruction="Find an image caption", text="<image> what color is the object?", images=[imgs[2]]),
-        Side(text="two <image> and <image> compare", images=[imgs[3], imgs[4]]),  # interleaved, two images
-    ]
-    texts = [
-        "Represent the given text. a red circle on the left</s>",
-        "blue</s>",
-        "<image>Represent the given image.</s>",
-        "<image></s>",
-        "<image>Find an image caption what color is the object?</s>",
-        "two <image> and <image> compare</s>",
-    ]
-    return sides, texts, imgs
+    sides, imgs = mixed_rows()
+    return sides, expected_texts("<image>"), imgs
 
 
 def _build(path, side="left", normalize=False, **slots):
@@ -149,7 +130,6 @@ def test_merging_and_pruning_drop_visual_tokens(ckpt):
 def test_gradcache_over_split_batches_equals_the_plain_step(ckpt):
     path, _, _ = ckpt
     model = _build(path, normalize=True).train()
-    ref = copy.deepcopy(model)
     imgs = [make_image(10 + i, size=s) for i, s in enumerate(SIZES)]
     queries = [Side(text="a red circle"), Side(images=[imgs[0]]), Side(text="<image> and <image>", images=imgs[1:3])]
     queries.append(Side(text="blue"))
@@ -157,11 +137,7 @@ def test_gradcache_over_split_batches_equals_the_plain_step(ckpt):
     qb, tb = model.processor(queries), model.processor(targets)
     chunks = model.processor.split(qb, 2)
     assert [c["batch_num_images"].shape[0] for c in chunks] == [1, 2], "batch_num_images is split per image"
-    loss = InfoNCELoss(temperature=0.05)
-    gc.gradcache_step(model, qb, tb, loss, chunk_size=2, split_fn=model.processor.split)
-    loss(ref(qb), ref(tb)).backward()
-    grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
-    ref_grads = {n: p.grad for n, p in ref.named_parameters() if p.grad is not None}
+    _, _, grads, ref_grads = gradcache_and_plain(model, qb, tb)
     assert grads.keys() == ref_grads.keys() and any(n.endswith("image_newline") for n in grads)
     # relative to the largest gradient: SigLIP's k_proj biases have an exactly-zero gradient (softmax is shift-
     # invariant), so per-tensor ratios there compare rounding noise (~1e-8)

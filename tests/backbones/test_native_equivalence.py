@@ -18,36 +18,7 @@ import torch
 import torch.nn.functional as F
 
 import mmembed
-from mmembed.data.sample import Side
-from tests.conftest import make_image
-from tests.native_vlms import FAMILIES
-
-SIZES = [(40, 48), (100, 70), (64, 64), (90, 120), (56, 56)]
-
-
-def _rows():
-    imgs = [make_image(i, size=s) for i, s in enumerate(SIZES)]
-    sides = [
-        Side(instruction="Represent the given text.", text="a red circle on the left", images=[]),  # text only
-        Side(text="blue", images=[]),  # text only, short (padding)
-        Side(instruction="Represent the given image.", text=None, images=[imgs[0]]),  # image + instruction
-        Side(text=None, images=[imgs[1]]),  # image only
-        Side(instruction="Find an image caption", text="<image> what color is the object?", images=[imgs[2]]),
-        Side(text="two <image> and <image> compare", images=[imgs[3], imgs[4]]),  # interleaved, two images
-    ]
-    return sides, imgs
-
-
-def _expected_texts(image_text: str) -> list[str]:
-    """The HF processor's text for each row of :func:`_rows`, written out by hand (VLM2Vec layout + EOS)."""
-    return [
-        "Represent the given text. a red circle on the left</s>",
-        "blue</s>",
-        f"{image_text}Represent the given image.</s>",
-        f"{image_text}</s>",
-        f"{image_text}Find an image caption what color is the object?</s>",
-        f"two {image_text} and {image_text} compare</s>",
-    ]
+from tests.native_vlms import FAMILIES, expected_texts, mixed_rows
 
 
 def _btype(family: str) -> str:
@@ -80,8 +51,8 @@ def _reference(hf, proc, texts, imgs, side):
 def test_embedding_equals_the_hf_models_last_token_state(family, side, hf_checkpoint, tmp_path):
     path, hf, proc = hf_checkpoint(family)
     model = _build(path, _btype(family), side)
-    sides, imgs = _rows()
-    texts = _expected_texts(model.backbone.image_text)
+    sides, imgs = mixed_rows()
+    texts = expected_texts(model.backbone.image_text)
     inputs, ref = _reference(hf, proc, texts, imgs, side)
     batch = model.processor(sides)
     assert torch.equal(batch["input_ids"], inputs["input_ids"]), "processor output differs from the HF processor's"
@@ -117,7 +88,7 @@ def test_embedding_equals_the_hf_models_last_token_state(family, side, hf_checkp
 def test_split_batch_chunks_embed_like_the_full_batch(family, hf_checkpoint):
     path, _, _ = hf_checkpoint(family)
     model = _build(path, _btype(family), "left")
-    sides, _ = _rows()
+    sides, _ = mixed_rows()
     batch = model.processor(sides)
     chunks = model.processor.split(batch, 2)
     assert len(chunks) == 3

@@ -23,12 +23,10 @@ from mmembed.backbones.native import VLM2VEC_LORA_TARGETS
 from mmembed.backbones.qwen3_vl import merge_deepstack
 from mmembed.config import ConfigError
 from mmembed.data.sample import Side
-from mmembed.losses import InfoNCELoss
-from mmembed.train import gradcache as gc
 from mmembed.train.setup import apply_lora, merge_lora
 from tests.conftest import make_image
+from tests.native_vlms import SIZES, expected_texts, gradcache_and_plain, mixed_rows
 
-SIZES = [(40, 48), (100, 70), (64, 64), (90, 120), (56, 56)]
 IMAGE_TEXT = "<|vision_start|><|image_pad|><|vision_end|>"
 
 
@@ -38,24 +36,8 @@ def ckpt(hf_checkpoint):
 
 
 def _rows():
-    imgs = [make_image(i, size=s) for i, s in enumerate(SIZES)]
-    sides = [
-        Side(instruction="Represent the given text.", text="a red circle on the left", images=[]),  # text only
-        Side(text="blue", images=[]),  # text only, short (padding)
-        Side(instruction="Represent the given image.", text=None, images=[imgs[0]]),  # image + instruction
-        Side(text=None, images=[imgs[1]]),  # image only
-        Side(instruction="Find an image caption", text="<image> what color is the object?", images=[imgs[2]]),
-        Side(text="two <image> and <image> compare", images=[imgs[3], imgs[4]]),  # interleaved, two images
-    ]
-    texts = [
-        "Represent the given text. a red circle on the left</s>",
-        "blue</s>",
-        f"{IMAGE_TEXT}Represent the given image.</s>",
-        f"{IMAGE_TEXT}</s>",
-        f"{IMAGE_TEXT}Find an image caption what color is the object?</s>",
-        f"two {IMAGE_TEXT} and {IMAGE_TEXT} compare</s>",
-    ]
-    return sides, texts, imgs
+    sides, imgs = mixed_rows()
+    return sides, expected_texts(IMAGE_TEXT), imgs
 
 
 def _build(path, side="left", normalize=False, **slots):
@@ -235,17 +217,10 @@ def _pairs():
 def test_gradcache_equals_the_plain_step(slots, ckpt):
     path, _, _ = ckpt
     model = _build(path, normalize=True, **slots).train()
-    ref = copy.deepcopy(model)
     queries, targets = _pairs()
-    qb, tb = model.processor(queries), model.processor(targets)
-    loss = InfoNCELoss(temperature=0.05)
-    res = gc.gradcache_step(model, qb, tb, loss, chunk_size=2, split_fn=model.processor.split)
+    res, plain, grads, ref_grads = gradcache_and_plain(model, model.processor(queries), model.processor(targets))
     assert res.num_chunks == 4
-    plain = loss(ref(qb), ref(tb))
-    plain.backward()
     assert abs(float(res.loss) - plain.item()) <= 1e-5
-    grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
-    ref_grads = {n: p.grad for n, p in ref.named_parameters() if p.grad is not None}
     assert grads.keys() == ref_grads.keys() and any("deepstack_merger_list" in n for n in grads)
     assert max(float(g.abs().max()) for g in ref_grads.values()) > 1e-3, "the step must have a gradient"
     # relative to each tensor's largest gradient (tests/train/test_gradcache.py): chunks are padded differently
